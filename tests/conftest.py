@@ -1,0 +1,166 @@
+"""Shared fixtures: a real PostgreSQL 15 server (pg_cron + pg_stat_statements preloaded),
+started by the test session itself through scripts/pg_embedded.sh, reached over TCP.
+
+Fixtures
+  pg_server    session: the running server (host, port, app user/password, superuser password)
+  make_db      factory: make_db(baseline=True, seed_calls=0, cron=False) -> DbInfo of a fresh database
+  baseline_db  a fresh database with the pre-Phase-1 production schema (no data)
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+
+import psycopg2
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PG_SCRIPT = REPO / "scripts" / "pg_embedded.sh"
+BASELINE_DIR = REPO / "files" / "sql" / "baseline"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class PgServer:
+    dir: pathlib.Path
+    port: int
+    host: str = "127.0.0.1"
+    user: str = "scan"
+    password: str = ""
+    su_password: str = ""
+    cron_db: str = "scanner"
+
+    def env(self) -> dict:
+        return {"PG_EMBED_DIR": str(self.dir), "PG_EMBED_PORT": str(self.port)}
+
+    def connect(self, dbname: str, superuser: bool = False, **kw):
+        return psycopg2.connect(
+            host=self.host, port=self.port, dbname=dbname,
+            user="postgres" if superuser else self.user,
+            password=self.su_password if superuser else self.password, **kw)
+
+
+@dataclasses.dataclass
+class DbInfo:
+    server: PgServer
+    name: str
+
+    @property
+    def host(self):
+        return self.server.host
+
+    @property
+    def port(self):
+        return self.server.port
+
+    @property
+    def user(self):
+        return self.server.user
+
+    @property
+    def password(self):
+        return self.server.password
+
+    def connect(self, superuser: bool = False, **kw):
+        return self.server.connect(self.name, superuser=superuser, **kw)
+
+    def query(self, sql: str, params=None, superuser: bool = False):
+        conn = self.connect(superuser=superuser)
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, params)
+                return cur.fetchall() if cur.description else None
+        finally:
+            conn.close()
+
+    def scalar(self, sql: str, params=None):
+        rows = self.query(sql, params)
+        return rows[0][0] if rows else None
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    # Not pytest's tmp_path: it is 0700 under /tmp/pytest-of-root, unreachable for the postgres user.
+    d = pathlib.Path(tempfile.mkdtemp(prefix="scanner-test-pg-", dir="/tmp"))
+    d.chmod(0o755)
+    port = int(os.environ.get("TEST_PG_PORT") or free_port())
+    env = {**os.environ, "PG_EMBED_DIR": str(d / "pg"), "PG_EMBED_PORT": str(port), "PG_EMBED_FAST": "1"}
+    subprocess.run([str(PG_SCRIPT), "start"], check=True, env=env, stdout=subprocess.DEVNULL)
+    server = PgServer(dir=d / "pg", port=port,
+                      password=(d / "pg" / "scan.password").read_text().strip(),
+                      su_password=(d / "pg" / "postgres.password").read_text().strip())
+    try:
+        yield server
+    finally:
+        subprocess.run([str(PG_SCRIPT), "destroy"], env=env, stdout=subprocess.DEVNULL, check=False)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _run_sql_file(db: DbInfo, path: pathlib.Path):
+    conn = db.connect()
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(path.read_text())
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def make_db(pg_server):
+    """Factory for fresh databases, dropped at teardown.
+
+    cron=True recreates the server's pg_cron database (cron.database_name) instead of a
+    uniquely named one: pg_cron can only live in that database."""
+    created: list[str] = []
+
+    def _make(baseline: bool = True, seed_calls: int = 0, cron: bool = False, name: str | None = None) -> DbInfo:
+        dbname = pg_server.cron_db if cron else (name or "t_" + uuid.uuid4().hex[:12])
+        su = pg_server.connect("postgres", superuser=True)
+        su.autocommit = True
+        with su.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+            cur.execute(f'CREATE DATABASE "{dbname}" OWNER {pg_server.user}')
+        su.close()
+        su = pg_server.connect(dbname, superuser=True)
+        su.autocommit = True
+        with su.cursor() as cur:
+            cur.execute(f"ALTER SCHEMA public OWNER TO {pg_server.user}")
+            cur.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            if cron:
+                cur.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
+                cur.execute(f"GRANT USAGE ON SCHEMA cron TO {pg_server.user}")
+        su.close()
+        created.append(dbname)
+        db = DbInfo(pg_server, dbname)
+        if baseline:
+            _run_sql_file(db, BASELINE_DIR / "01_schema.sql")
+            if seed_calls:
+                _run_sql_file(db, BASELINE_DIR / "02_demo_data.sql")
+                db.query("SELECT demo.seed(%s)", (seed_calls,))
+        return db
+
+    yield _make
+    su = pg_server.connect("postgres", superuser=True)
+    su.autocommit = True
+    with su.cursor() as cur:
+        for name in created:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    su.close()
+
+
+@pytest.fixture
+def baseline_db(make_db) -> DbInfo:
+    return make_db(baseline=True)
