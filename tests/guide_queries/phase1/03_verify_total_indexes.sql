@@ -1,0 +1,4 @@
+-- Guide 1.3 Post-Migration Verification: verify all indexes were created.
+SELECT COUNT(*) as total_indexes
+FROM pg_indexes
+WHERE schemaname = 'public';

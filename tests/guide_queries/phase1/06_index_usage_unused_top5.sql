@@ -1,0 +1,2 @@
+-- Guide 1.3 Post-Migration Verification.
+SELECT * FROM monitoring.index_usage WHERE usage_status = 'UNUSED' LIMIT 5;

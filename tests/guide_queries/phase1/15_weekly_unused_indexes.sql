@@ -1,0 +1,4 @@
+-- Guide Maintenance Operations, Weekly: check for unused indexes.
+SELECT * FROM monitoring.index_usage
+WHERE usage_status = 'UNUSED'
+AND indexname NOT LIKE 'bcfy_%_pkey';

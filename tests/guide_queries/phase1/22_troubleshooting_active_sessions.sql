@@ -1,0 +1,2 @@
+-- Guide Troubleshooting, "Slow Migration" solution 1: check server resources.
+SELECT pid, usename, application_name, state FROM pg_stat_activity WHERE state != 'idle';
