@@ -323,6 +323,14 @@ def test_btree_kept_while_gin_is_invalid(seeded_db, psql):
     assert seeded_db.scalar("SELECT to_regclass('public.transcripts_tsv_idx')") is None
 
 
+def test_monitoring_file_refuses_an_incomplete_phase(baseline_db, psql):
+    """001_03 re-checks the whole phase: run alone, it names what is missing and (one
+    transaction) leaves nothing behind."""
+    r = psql(baseline_db, PHASE1[2])
+    assert r.returncode != 0 and "index(es) missing or INVALID: api_call_metrics_endpoint_timestamp_idx" in r.stderr
+    assert baseline_db.scalar("SELECT to_regnamespace('monitoring')") is None
+
+
 def test_rollback_restores_baseline(seeded_db, psql):
     baseline = snapshot(seeded_db)
     apply(psql, seeded_db, PHASE1)

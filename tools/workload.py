@@ -285,6 +285,7 @@ class Recorder:
         self.cancelled_at_stop = 0
         self.internal_errors: list[str] = []
         self.role_ops: dict[str, int] = collections.Counter()
+        self.role_stmts: dict[str, int] = collections.Counter()
         self.role_last_ok: dict[str, float] = {}
         self.role_max_gap: dict[str, float] = collections.defaultdict(float)
 
@@ -331,10 +332,11 @@ class Recorder:
             if ms > self.max_stall[0]:
                 self.max_stall = (ms, kind, _iso())
 
-    def role_ok(self, role: str):
+    def role_ok(self, role: str, statements: int = 1):
         now = time.monotonic()
         with self.lock:
             self.role_ops[role] += 1
+            self.role_stmts[role] += statements
             last = self.role_last_ok.get(role, self.t0)
             gap = (now - last) * 1000.0
             if gap > self.role_max_gap[role]:
@@ -411,6 +413,7 @@ class _Session:
         backoff = 0.1
         while not self.wl._stop_evt.is_set():
             t0 = time.perf_counter()
+            conn = None
             try:
                 conn = connect(self.wl.conn_kwargs, self.wl.application_name)
                 conn.autocommit = True
@@ -426,6 +429,11 @@ class _Session:
                 self.ever_connected = True
                 return True
             except psycopg2.Error as exc:
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except Exception:
+                        pass
                 code, msg = _err_info(exc)
                 with rec.lock:
                     rec.conn["connect_failures"] += 1
@@ -705,6 +713,7 @@ class Workload:
         self._t_end = None
         self._t_stop_req = None
         self._stopped = False
+        self._role_rate: dict[str, float] = {}
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> "Workload":
@@ -721,6 +730,7 @@ class Workload:
             fn, autocommit = ROLES[role]
             per_thread = (self.rate * ROLE_WEIGHTS.get(role, 0.1) / total_w / self.threads_per_role
                           if self.rate > 0 else 0.0)
+            self._role_rate[role] = per_thread
             for i in range(self.threads_per_role):
                 s = _Session(self, role, i, autocommit)
                 self._sessions.append(s)
@@ -826,7 +836,7 @@ class Workload:
                 try:
                     n = fn(self, s)
                     if n:
-                        self.rec.role_ok(s.role)
+                        self.rec.role_ok(s.role, n)
                 except _StmtFailed:
                     n = 1
                     s.recover()
@@ -875,6 +885,7 @@ class Workload:
             cancelled = rec.cancelled_at_stop
             internal = list(rec.internal_errors)
             role_ops = dict(rec.role_ops)
+            role_stmts = dict(rec.role_stmts)
             role_gap = dict(rec.role_max_gap)
             role_last = dict(rec.role_last_ok)
         dur = self.elapsed()
@@ -897,7 +908,9 @@ class Workload:
             gap = role_gap.get(r, 0.0)
             last = role_last.get(r, rec.t0)
             gap = max(gap, (end_mono - last) * 1000.0)   # the tail counts too
-            roles[r] = {"ops": role_ops.get(r, 0), "max_gap_ms": round(gap, 3)}
+            roles[r] = {"ops": role_ops.get(r, 0), "max_gap_ms": round(gap, 3),
+                        "target_stmts_per_s": round(self._role_rate.get(r, 0.0) * self.threads_per_role, 1),
+                        "ok_stmts_per_s": round(role_stmts.get(r, 0) / dur, 1) if dur > 0 else 0.0}
         return {
             "tool": APP_NAME,
             "run_tag": self.run_tag,
@@ -1106,11 +1119,15 @@ def _cmd_run(args) -> int:
     except OSError as exc:
         print(f"workload: cannot read password file: {exc.strerror}", file=sys.stderr)
         return 2
-    wl = Workload(conn_kwargs, rate=args.rate, upsert=args.upsert, keys_path=args.keys,
-                  duration=args.duration, until_file=args.until_file, max_duration=args.max_duration,
-                  statement_timeout_ms=int(args.statement_timeout * 1000),
-                  threads_per_role=args.threads, roles=args.roles.split(",") if args.roles else None,
-                  dup_ratio=args.dup_ratio, spread_s=args.spread, extra_reads=extra)
+    try:
+        wl = Workload(conn_kwargs, rate=args.rate, upsert=args.upsert, keys_path=args.keys,
+                      duration=args.duration, until_file=args.until_file, max_duration=args.max_duration,
+                      statement_timeout_ms=int(args.statement_timeout * 1000),
+                      threads_per_role=args.threads, roles=args.roles.split(",") if args.roles else None,
+                      dup_ratio=args.dup_ratio, spread_s=args.spread, extra_reads=extra)
+    except ValueError as exc:
+        print(f"workload: {exc}", file=sys.stderr)
+        return 2
 
     def _on_signal(signum, _frame):
         wl.request_stop(signal.Signals(signum).name)

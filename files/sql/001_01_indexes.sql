@@ -4,6 +4,10 @@
 -- Every index is built CONCURRENTLY (SHARE UPDATE EXCLUSIVE lock: reads and writes go on), so this
 -- file runs outside a transaction, one statement at a time. Re-running it is a no-op (IF NOT EXISTS);
 -- an INVALID index left by an interrupted build is dropped by the runner before the retry.
+-- A concurrent build also waits for every transaction older than itself (on ANY table) to end,
+-- and that wait counts against lock_timeout: with a long transaction open (a pg_dump, a session
+-- idle in transaction) each attempt fails and is retried. Check monitoring.long_running_queries
+-- (or pg_stat_activity) before starting.
 -- Which application query each index serves: see the comment above it (PRODUCTION_FACTS.md).
 
 -- Audio worker: "WHERE processed = false ORDER BY started_at LIMIT n FOR UPDATE SKIP LOCKED"

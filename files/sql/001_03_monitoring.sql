@@ -323,7 +323,8 @@ ORDER BY q.mean_time_ms DESC NULLS LAST, q.calls DESC;
 COMMENT ON VIEW monitoring.slow_queries IS
     'Statements of this database from pg_stat_statements, slowest mean execution time first (times in ms, since the last pg_stat_statements_reset()). Returns NO ROWS, with a NOTICE saying why, when pg_stat_statements is not installed in this database (CREATE EXTENSION needs rds_superuser) or not in shared_preload_libraries.';
 
--- Verification: the seven views answer, then the whole phase is checked once more.
+-- Verification: the seven views answer, then the whole phase is checked once more (by name, so
+-- the check also holds once Phase 2 has copied the indexes and constraints onto partitions).
 DO $$
 DECLARE
     v text;
@@ -342,23 +343,32 @@ BEGIN
     END IF;
     RAISE NOTICE 'Monitoring views created successfully';
 
-    IF (SELECT count(*) FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid
-        WHERE c.relnamespace = 'public'::regnamespace AND i.indisvalid
-          AND c.relname IN ('bcfy_calls_raw_pending_idx', 'bcfy_calls_raw_fetched_at_idx',
-                            'bcfy_calls_raw_feed_started_idx', 'bcfy_calls_raw_tg_started_idx',
-                            'transcripts_tsv_gin_idx', 'transcripts_created_at_idx',
-                            'api_call_metrics_timestamp_idx', 'api_call_metrics_endpoint_timestamp_idx',
-                            'bcfy_playlist_poll_log_poll_started_at_idx',
-                            'processing_state_status_updated_at_idx')) <> 10
-       OR (SELECT count(*) FROM pg_constraint
-           WHERE connamespace = 'public'::regnamespace AND contype = 'c' AND convalidated
-             AND conname IN ('bcfy_calls_raw_duration_ms_check', 'bcfy_calls_raw_size_bytes_check',
-                             'bcfy_calls_raw_ended_at_check', 'transcripts_confidence_check',
-                             'transcripts_duration_seconds_check', 'api_call_metrics_status_code_check',
-                             'api_call_metrics_duration_ms_check', 'system_logs_duration_ms_check',
-                             'bcfy_playlist_poll_log_poll_ended_at_check')) <> 9 THEN
-        RAISE EXCEPTION 'Phase 1 is incomplete: a Phase 1 index is missing or INVALID, or a CHECK constraint is missing or not validated'
-            USING HINT = 'Run 001_01_indexes.sql and 001_02_check_constraints.sql again.';
+    SELECT array_agg(e.name ORDER BY e.name) INTO missing
+    FROM unnest(ARRAY['bcfy_calls_raw_pending_idx', 'bcfy_calls_raw_fetched_at_idx',
+                      'bcfy_calls_raw_feed_started_idx', 'bcfy_calls_raw_tg_started_idx',
+                      'transcripts_tsv_gin_idx', 'transcripts_created_at_idx',
+                      'api_call_metrics_timestamp_idx', 'api_call_metrics_endpoint_timestamp_idx',
+                      'bcfy_playlist_poll_log_poll_started_at_idx',
+                      'processing_state_status_updated_at_idx']) AS e(name)
+    WHERE NOT EXISTS (SELECT 1 FROM pg_index AS i
+                      WHERE i.indexrelid = to_regclass('public.' || e.name) AND i.indisvalid);
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION 'Phase 1 is incomplete: index(es) missing or INVALID: %', array_to_string(missing, ', ')
+            USING HINT = 'Run 001_01_indexes.sql again.';
+    END IF;
+
+    SELECT array_agg(e.name ORDER BY e.name) INTO missing
+    FROM unnest(ARRAY['bcfy_calls_raw_duration_ms_check', 'bcfy_calls_raw_size_bytes_check',
+                      'bcfy_calls_raw_ended_at_check', 'transcripts_confidence_check',
+                      'transcripts_duration_seconds_check', 'api_call_metrics_status_code_check',
+                      'api_call_metrics_duration_ms_check', 'system_logs_duration_ms_check',
+                      'bcfy_playlist_poll_log_poll_ended_at_check']) AS e(name)
+    WHERE NOT coalesce((SELECT bool_and(c.convalidated) FROM pg_constraint AS c
+                        WHERE c.connamespace = 'public'::regnamespace AND c.contype = 'c'
+                          AND c.conname = e.name), false);
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION 'Phase 1 is incomplete: CHECK constraint(s) missing or NOT VALID: %', array_to_string(missing, ', ')
+            USING HINT = 'Run 001_02_check_constraints.sql again.';
     END IF;
     RAISE NOTICE 'Phase 1 Migration Complete! ✓';
 END

@@ -126,6 +126,16 @@ def split_statements(sql: str):
     return out
 
 
+_CONCURRENT = re.compile(r"^\s*(CREATE\s+(UNIQUE\s+)?INDEX|DROP\s+INDEX|REINDEX\s+\(?[^;]*?)\s+CONCURRENTLY\b",
+                         re.IGNORECASE)
+
+
+def is_concurrent(statement: str) -> bool:
+    """CREATE/DROP INDEX CONCURRENTLY or REINDEX ... CONCURRENTLY: waits that do not block DML."""
+    return bool(_CONCURRENT.match(statement)) or bool(
+        re.match(r"^\s*REINDEX\b.*\bCONCURRENTLY\b", statement, re.IGNORECASE | re.DOTALL))
+
+
 def concurrent_index(statement: str):
     """For ``CREATE [UNIQUE] INDEX CONCURRENTLY IF NOT EXISTS name ON [schema.]table``
     return (schema or None, index_name); otherwise None."""

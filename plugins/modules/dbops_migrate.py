@@ -37,6 +37,13 @@ options:
     description: PostgreSQL lock_timeout for every statement (e.g. C(2s)).
     type: str
     default: 2s
+  concurrent_lock_timeout:
+    description:
+      - lock_timeout for C(CREATE/DROP INDEX CONCURRENTLY) and C(REINDEX CONCURRENTLY). Their waits
+        (for older transactions to end) hold only a SHARE UPDATE EXCLUSIVE lock, which does not block
+        the application's reads and writes, so they may wait longer than DDL that would queue traffic.
+    type: str
+    default: 5min
   statement_timeout:
     type: str
     default: "0"
@@ -78,8 +85,8 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible.module_utils.dbops_pg import (CONNECTION_ARGSPEC, HAS_PSYCOPG2, connect,
                                            pg_error_text, with_retries)
-from ansible.module_utils.dbops_sql import (checksum, concurrent_index, is_no_transaction,
-                                            split_statements)
+from ansible.module_utils.dbops_sql import (checksum, concurrent_index, is_concurrent,
+                                            is_no_transaction, split_statements)
 
 try:
     import psycopg2
@@ -129,9 +136,10 @@ class Runner:
         for text in self.conn.notices.drain():
             self.notices.append("%s | %s" % (version, text))
 
-    def session_settings(self, cur, local=False):
+    def session_settings(self, cur, local=False, concurrent=False):
         scope = "LOCAL " if local else ""
-        cur.execute("SET %slock_timeout = %%s" % scope, (self.p["lock_timeout"],))
+        timeout = self.p["concurrent_lock_timeout"] if concurrent else self.p["lock_timeout"]
+        cur.execute("SET %slock_timeout = %%s" % scope, (timeout,))
         cur.execute("SET %sstatement_timeout = %%s" % scope, (self.p["statement_timeout"],))
 
     # ---- ledger --------------------------------------------------------------------------
@@ -165,10 +173,11 @@ class Runner:
     def run_statement(self, version, statement, line, retries_box):
         """Autocommit one statement with lock_timeout + retries; rebuild INVALID CIC leftovers."""
         cic = concurrent_index(statement)
+        concurrent = is_concurrent(statement)
 
         def attempt():
             with self.conn.cursor() as cur:
-                self.session_settings(cur)
+                self.session_settings(cur, concurrent=concurrent)
                 if cic:
                     self.drop_invalid_index(cur, version, *cic)
                 cur.execute(statement)
@@ -337,6 +346,7 @@ def main():
         state=dict(type="str", default="applied", choices=["applied", "rolled_back"]),
         ledger_schema=dict(type="str", default="dbops"),
         lock_timeout=dict(type="str", default="2s"),
+        concurrent_lock_timeout=dict(type="str", default="5min"),
         statement_timeout=dict(type="str", default="0"),
         retries=dict(type="int", default=8),
         retry_delay=dict(type="float", default=0.5),

@@ -1,0 +1,47 @@
+# The two commands of the README:
+#   make demo   install, start the embedded PostgreSQL with demo data, run Phase 1 (again: no change)
+#   make test   install, lint, unit + integration tests on a real PostgreSQL, Molecule scenarios
+SHELL := /bin/bash
+.ONESHELL:
+.SHELLFLAGS := -euo pipefail -c
+VENV := .venv/bin
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+export PG_EMBED_PORT ?= 55432
+DEMO_CALLS ?= 200000
+
+.PHONY: install install-test demo demo-stop lint unit molecule test clean
+
+install:
+	scripts/install.sh
+
+install-test:
+	scripts/install.sh --test
+
+demo: install
+	scripts/pg_embedded.sh start
+	$(VENV)/ansible-playbook playbooks/demo_seed.yml -i inventory/local -e demo_seed_calls=$(DEMO_CALLS)
+	$(VENV)/ansible-playbook playbooks/phase1.yml -i inventory/local
+	echo "Embedded PostgreSQL is still running on 127.0.0.1:$(PG_EMBED_PORT): make demo-stop stops it."
+
+demo-stop:
+	scripts/pg_embedded.sh stop
+
+lint: install-test
+	$(VENV)/yamllint -s .
+	$(VENV)/ansible-lint
+	$(VENV)/squawk files/sql/0*.sql files/sql/rollback/*.sql
+
+unit: install-test
+	$(VENV)/pytest
+
+molecule: install-test
+	scripts/molecule.sh
+
+test: install-test
+	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory unit
+	$(MAKE) --no-print-directory molecule
+
+clean:
+	scripts/pg_embedded.sh destroy || true
+	rm -rf backups reports .cache
