@@ -25,7 +25,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SQL_DIR = REPO / "files" / "sql"
 PHASE1 = sorted(SQL_DIR.glob("001_*.sql"))
 ROLLBACK1 = sorted((SQL_DIR / "rollback").glob("001_*.sql"), reverse=True)
-GUIDE_QUERIES = sorted((REPO / "tests" / "guide_queries" / "phase1").glob("*.sql"))
+# Read-only checks (also run by the verify role in production) + the maintenance ones (tests only).
+GUIDE_QUERIES = sorted([*(REPO / "files" / "sql" / "checks" / "001").glob("*.sql"),
+                        *(REPO / "tests" / "guide_queries" / "phase1").glob("*.sql")])
 NO_TX_MARKER = "-- dbops:no-transaction"
 PSQL = next((p for p in ("/usr/lib/postgresql/15/bin/psql", shutil.which("psql")) if p and os.path.exists(p)), None)
 
@@ -283,7 +285,7 @@ def test_guide_queries_run(phase1_db, psql):
 
 
 def test_guide_monitoring_views_count(phase1_db, psql):
-    r = psql(phase1_db, REPO / "tests/guide_queries/phase1/04_verify_monitoring_views.sql", runner_mode=False)
+    r = psql(phase1_db, REPO / "files/sql/checks/001/04_verify_monitoring_views.sql", runner_mode=False)
     assert "(7 rows)" in r.stdout
 
 

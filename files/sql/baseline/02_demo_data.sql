@@ -107,6 +107,9 @@ DECLARE
     v_poll_window interval := interval '45 days';
     v_idx_defs text[] := '{}';
     v_idx_names text[] := '{}';
+    v_key_add text[] := '{}';   -- PRIMARY KEY / UNIQUE constraints to re-add
+    v_fk_add text[] := '{}';    -- FOREIGN KEY constraints to re-add
+    v_con_drop text[] := '{}';
     v_def text;
     v_name text;
     v_t text;
@@ -214,7 +217,12 @@ BEGIN
             USING HINT = 'SELECT demo.seed(n, p_reset => true) truncates them first.';
     END IF;
 
-    -- Secondary indexes: drop now, recreate from their exact definitions after the load.
+    -- Bulk-load speedup: drop the secondary indexes, the foreign keys and the PRIMARY KEY / UNIQUE
+    -- constraints on non-integer keys (text call_uid, (group_id, ts), uuid...) now; after the load
+    -- they are recreated from their own pg_get_indexdef() / pg_get_constraintdef() text, so names
+    -- and definitions are exactly those of 01_schema.sql, and the data is checked against every
+    -- one of them (a duplicate key or a dangling reference makes the whole seed fail and roll back).
+    -- Sorted index builds and one join per foreign key are much cheaper than row-by-row upkeep.
     -- Only on plain tables (a partitioned table's indexes cascade to its partitions).
     IF p_rebuild_indexes THEN
         SELECT NOT EXISTS (SELECT 1 FROM unnest(c_tables) x JOIN pg_class r ON r.oid = to_regclass(x)
@@ -230,6 +238,29 @@ BEGIN
           AND NOT EXISTS (SELECT 1 FROM pg_constraint k
                           WHERE k.conindid = i.indexrelid AND k.conrelid = i.indrelid
                             AND k.contype IN ('p', 'u', 'x'));
+        WITH t AS (SELECT to_regclass(x) AS rel FROM unnest(c_tables) x),
+        k AS (
+            SELECT k.oid, k.contype, k.conname, k.conrelid
+            FROM pg_constraint k
+            WHERE (k.contype = 'f' AND (k.conrelid IN (SELECT rel FROM t) OR k.confrelid IN (SELECT rel FROM t)))
+               OR (k.contype IN ('p', 'u') AND k.conrelid IN (SELECT rel FROM t)
+                   AND EXISTS (SELECT 1 FROM pg_attribute a
+                               WHERE a.attrelid = k.conrelid AND a.attnum = ANY (k.conkey)
+                                 AND a.atttypid NOT IN ('bigint'::regtype, 'integer'::regtype)))
+        )
+        SELECT coalesce(array_agg(format('ALTER TABLE %s ADD CONSTRAINT %I %s', k.conrelid::regclass, k.conname,
+                                         pg_get_constraintdef(k.oid)) ORDER BY k.oid)
+                                  FILTER (WHERE k.contype <> 'f'), '{}'),
+               coalesce(array_agg(format('ALTER TABLE %s ADD CONSTRAINT %I %s', k.conrelid::regclass, k.conname,
+                                         pg_get_constraintdef(k.oid)) ORDER BY k.oid)
+                                  FILTER (WHERE k.contype = 'f'), '{}'),
+               coalesce(array_agg(format('ALTER TABLE %s DROP CONSTRAINT %I', k.conrelid::regclass, k.conname)
+                                  ORDER BY k.contype <> 'f', k.oid), '{}')  -- foreign keys first
+        INTO v_key_add, v_fk_add, v_con_drop
+        FROM k;
+        FOREACH v_def IN ARRAY v_con_drop LOOP
+            EXECUTE v_def;
+        END LOOP;
         FOREACH v_name IN ARRAY v_idx_names LOOP
             EXECUTE format('DROP INDEX %s', v_name);
         END LOOP;
@@ -297,7 +328,8 @@ BEGIN
     v_counts := v_counts || jsonb_build_object('bcfy_playlists', v_rows);
     v_steps := v_steps || jsonb_build_object('bcfy_playlists', round(extract(epoch FROM clock_timestamp() - v_step)::numeric, 2));
 
-    -- bcfy_calls_raw, in ts order (like the ingester wrote it)
+    -- bcfy_calls_raw, in ts order (like the ingester wrote it). Per call two hashes: hg picks the
+    -- talkgroup (skewed: a few busy dispatch channels), the bit fields of h the rest.
     v_step := clock_timestamp();
     INSERT INTO bcfy_calls_raw (call_uid, group_id, ts, feed_id, tg_id, tag_id, node_id, sid, site_id, freq,
                                 src, url, started_at, ended_at, duration_ms, size_bytes, fetched_at, raw_json,
@@ -310,22 +342,21 @@ BEGIN
            v_g_tag[c.g + 1],
            v_g_node[c.g + 1],
            c.sid,
-           c.sid * 10 + (c.h & 3),
+           c.sid * 10 + ((c.h >> 56) & 3),
            v_g_freq[c.g + 1],
            c.src,
            'https://calls.broadcastify.com/' || c.sid || '/' || c.tg || '/' || c.ts || '-' || c.src || '.m4a',
            CASE WHEN NOT c.legacy THEN to_timestamp(c.ts) END,
            CASE WHEN NOT c.legacy THEN to_timestamp(c.ts + c.dur_ms / 1000.0::float8) END,
            c.dur_ms,
-           c.dur_ms * 2 + 600 + ((c.h >> 2) & 1023),
+           c.dur_ms * 2 + 600 + ((c.h >> 40) & 1023),
            to_timestamp(c.fetched_ep),
-           jsonb_build_object('groupId', c.group_id, 'ts', c.ts, 'sid', c.sid, 'tg', c.tg, 'src', c.src,
-                              'duration', round(c.dur_ms / 1000.0, 3), 'freq', v_g_freq[c.g + 1]),
+           jsonb_build_object('groupId', c.group_id, 'ts', c.ts, 'src', c.src, 'duration', c.dur_ms / 1000.0::float8),
            NOT c.fresh AND NOT (c.failed AND c.ts >= v_end_ts - 86400),
-           CASE WHEN NOT c.fresh THEN to_timestamp(c.fetched_ep + 2 + ((c.h >> 12) & 63)) END,
+           CASE WHEN NOT c.fresh THEN to_timestamp(c.fetched_ep + 2 + ((c.h >> 50) & 63)) END,
            CASE WHEN c.failed AND NOT c.fresh
                 THEN (ARRAY['download failed: HTTP 404 Not Found', 'download failed: HTTP 403 Forbidden',
-                            'download failed: timeout after 30s', 'audio file empty'])[1 + ((c.h >> 20) & 3)] END,
+                            'download failed: timeout after 30s', 'audio file empty'])[1 + ((c.h >> 58) & 3)] END,
            CASE WHEN v_g_pl[c.g + 1] >= 0 AND c.ts >= v_pl_since THEN v_pl_uuid[v_g_pl[c.g + 1] + 1] END,
            CASE WHEN NOT c.fresh AND NOT c.failed AND c.ts >= v_end_ts - 120 * 86400
                 THEN 'calls/' || c.sid || '/' || c.tg || '/' || c.ts || '.m4a' END
@@ -334,25 +365,26 @@ BEGIN
                v_g_sid[b.g + 1] || '-' || v_g_tg[b.g + 1] AS group_id,
                v_g_sid[b.g + 1] AS sid,
                v_g_tg[b.g + 1] AS tg,
-               (b.i < 3 AND p_calls >= 100) OR b.r_misc < 0.0001 AS legacy,
-               b.r_misc >= 0.997 AS failed,
-               b.ts >= v_end_ts - 1800 OR b.i >= p_calls - 5 AS fresh,
-               b.ts + b.dur_ms / 1000.0::float8 + 1.5 + 8 * b.r_fetch AS fetched_ep
+               -- bits 0..19: duration, 20..39: misc (legacy / failed), 40..49: size, 50..55: attempt,
+               -- 56..57: site, 58..59: error text, 60..63: fetch delay
+               CASE WHEN (b.h & 1048575) < 1049 THEN 0     -- ~0.1 % zero-length calls
+                    ELSE 600 + floor(40000 * power((b.h & 1048575) / 1048576.0::float8, 3)) END::bigint AS dur_ms,
+               (b.i < 3 AND p_calls >= 100) OR ((b.h >> 20) & 1048575) < 105 AS legacy,   -- ~0.01 %
+               ((b.h >> 20) & 1048575) >= 1045430 AS failed,                               -- ~0.3 %
+               b.ts >= v_end_ts - 1800 OR b.i >= p_calls - 5 AS fresh
         FROM (
             SELECT i,
                    v_start_ts + floor(v_span * power((i + 1)::float8 / p_calls, v_kinv))::bigint AS ts,
                    least(p_groups - 1, floor(p_groups * power(demo.u(i, v_s + 1), 2)))::int AS g,
-                   CASE WHEN a.r_dur < 0.001 THEN 0
-                        ELSE 600 + floor(40000 * power(a.r_dur, 3)) END::bigint AS dur_ms,
-                   (1000001 + floor(30000 * power(demo.u(i, v_s + 4), 1.5)))::bigint AS src,
-                   demo.u(i, v_s + 3) AS r_misc,
-                   demo.u(i, v_s + 5) AS r_fetch,
-                   hashint8extended(i, v_s + 6) AS h
-            FROM generate_series(0, p_calls - 1) i,
-                 LATERAL (SELECT demo.u(i, v_s + 2) AS r_dur) a
+                   (1000001 + floor(30000 * power(demo.u(i, v_s + 3), 1.5)))::bigint AS src,
+                   hashint8extended(i, v_s + 2) AS h
+            FROM generate_series(0, p_calls - 1) i
             OFFSET 0
         ) b
         OFFSET 0
+    ) c0
+    CROSS JOIN LATERAL (
+        SELECT c0.*, c0.ts + c0.dur_ms / 1000.0::float8 + 1.5 + ((c0.h >> 60) & 15) / 2.0::float8 AS fetched_ep
     ) c;
     GET DIAGNOSTICS v_rows = ROW_COUNT;
     v_counts := v_counts || jsonb_build_object('bcfy_calls_raw', v_rows);
@@ -448,45 +480,52 @@ BEGIN
     v_counts := v_counts || jsonb_build_object('processing_state', v_rows);
     v_steps := v_steps || jsonb_build_object('processing_state', round(extract(epoch FROM clock_timestamp() - v_step)::numeric, 2));
 
-    -- api_call_metrics: same history and growth curve as the calls, in time order
+    -- api_call_metrics: same history and growth curve as the calls, in time order. One hash per row;
+    -- bits 0..7: endpoint, 8..21: status, 22..31: duration, 32..43: size, 44..46: cache, 48..63: time.
     v_step := clock_timestamp();
     INSERT INTO api_call_metrics ("timestamp", endpoint, method, status_code, duration_ms, response_size,
                                   cache_hit, error)
-    SELECT to_timestamp(m.ep), m.endpoint,
+    SELECT to_timestamp(v_start_ep + (v_end_ep - v_start_ep)
+                        * power((m.j + ((m.h >> 48) & 65535) / 65536.0::float8) / v_metrics, v_growth_inv)),
+           m.endpoint,
            CASE WHEN m.endpoint = '/auth/v1/token' THEN 'POST' ELSE 'GET' END,
            m.status,
-           CASE WHEN m.status = 504 THEN 30000 + ((m.h >> 40) & 1023)
-                ELSE 25 + floor(2500 * power(((m.h >> 20) & 1048575) / 1048576.0, 3)) END::int,
-           CASE WHEN m.status = 200 THEN 300 + ((m.h >> 40) & 65535) + ((m.h >> 30) & 1023) * 16
+           CASE WHEN m.status = 504 THEN 30000 + ((m.h >> 32) & 1023)
+                ELSE 25 + floor(2500 * power(((m.h >> 22) & 1023) / 1024.0::float8, 3)) END::int,
+           CASE WHEN m.status = 200 THEN 300 + ((m.h >> 32) & 4095) * 20
                 WHEN m.status = 304 THEN 0
                 WHEN m.status = 504 THEN NULL
-                ELSE 90 + ((m.h >> 40) & 255) END::int,
-           m.status = 304 OR (m.status = 200 AND ((m.h >> 56) & 7) = 0),
+                ELSE 90 + ((m.h >> 32) & 255) END::int,
+           m.status = 304 OR (m.status = 200 AND ((m.h >> 44) & 7) = 0),
            CASE m.status WHEN 404 THEN 'HTTP 404 Not Found' WHEN 429 THEN 'HTTP 429 Too Many Requests'
                          WHEN 500 THEN 'HTTP 500 Internal Server Error' WHEN 502 THEN 'HTTP 502 Bad Gateway'
                          WHEN 503 THEN 'HTTP 503 Service Unavailable' WHEN 504 THEN 'timeout after 30s'
                          WHEN 401 THEN 'HTTP 401 Unauthorized' END
     FROM (
-        SELECT v_start_ep + (v_end_ep - v_start_ep)
-                   * power((j + demo.unit(a.h0)) / v_metrics, v_growth_inv) AS ep,
+        SELECT a.j, a.h,
                v_endpoints[1 + (a.h & 255) % cardinality(v_endpoints)] AS endpoint,
                CASE WHEN a.sc < 9300 THEN 200 WHEN a.sc < 9550 THEN 304 WHEN a.sc < 9700 THEN 429
                     WHEN a.sc < 9800 THEN 404 WHEN a.sc < 9880 THEN 500 WHEN a.sc < 9930 THEN 502
-                    WHEN a.sc < 9970 THEN 503 WHEN a.sc < 9990 THEN 504 ELSE 401 END AS status,
-               a.h
-        FROM generate_series(0, v_metrics - 1) j,
-             LATERAL (SELECT hashint8extended(j, v_s + 301) AS h0, hashint8extended(j, v_s + 302) AS h,
-                             ((hashint8extended(j, v_s + 302) >> 8) & 1048575) % 10000 AS sc) a
+                    WHEN a.sc < 9970 THEN 503 WHEN a.sc < 9990 THEN 504 ELSE 401 END AS status
+        FROM (
+            SELECT j, h, (((h >> 8) & 16383) * 10000) >> 14 AS sc      -- 0 .. 9999
+            FROM generate_series(0, v_metrics - 1) j,
+                 LATERAL (SELECT hashint8extended(j, v_s + 301) AS h) x
+            OFFSET 0
+        ) a
         OFFSET 0
     ) m;
     GET DIAGNOSTICS v_rows = ROW_COUNT;
     v_counts := v_counts || jsonb_build_object('api_call_metrics', v_rows);
     v_steps := v_steps || jsonb_build_object('api_call_metrics', round(extract(epoch FROM clock_timestamp() - v_step)::numeric, 2));
 
-    -- system_logs
+    -- system_logs. One hash per row; bits 0..7: component, 8..17: severity, 18..33: duration,
+    -- 34..43: numbers in the message, 44: has metadata, 45..47: NULL duration, 48..63: time.
     v_step := clock_timestamp();
     INSERT INTO system_logs (created_at, component, event_type, message, metadata, duration_ms)
-    SELECT to_timestamp(l.ep), l.component,
+    SELECT to_timestamp(v_start_ep + (v_end_ep - v_start_ep)
+                        * power((l.j + ((l.h >> 48) & 65535) / 65536.0::float8) / v_logs, v_growth_inv)),
+           l.component,
            CASE WHEN l.sev = 2 THEN 'error' WHEN l.sev = 1 THEN 'warning'
                 ELSE CASE l.component
                          WHEN 'ingester' THEN 'calls_ingested' WHEN 'poller' THEN 'playlist_poll'
@@ -501,27 +540,28 @@ BEGIN
                         ELSE 'Database connection lost, retrying' END
                 WHEN l.sev = 1 THEN 'Slow operation: ' || l.dur || ' ms'
                 ELSE CASE l.component
-                         WHEN 'ingester' THEN 'Ingested ' || (l.h >> 32) % 40 || ' new calls'
-                         WHEN 'poller' THEN 'Polled ' || 1 + (l.h >> 32) % p_playlists || ' playlists'
-                         WHEN 'audio-worker' THEN 'Downloaded audio (' || 2000 + (l.h >> 32) % 90000 || ' bytes)'
-                         WHEN 'transcriber' THEN 'Transcribed call (' || 1 + (l.h >> 32) % 45 || ' s of audio)'
-                         WHEN 'api' THEN 'GET ' || v_api_paths[1 + (l.h >> 40) % cardinality(v_api_paths)] || ' 200'
-                         WHEN 'indexer' THEN 'Indexed ' || 1 + (l.h >> 32) % 500 || ' transcripts'
+                         WHEN 'ingester' THEN 'Ingested ' || l.k % 40 || ' new calls'
+                         WHEN 'poller' THEN 'Polled ' || 1 + l.k % p_playlists || ' playlists'
+                         WHEN 'audio-worker' THEN 'Downloaded audio (' || 2000 + l.k * 97 || ' bytes)'
+                         WHEN 'transcriber' THEN 'Transcribed call (' || 1 + l.k % 45 || ' s of audio)'
+                         WHEN 'api' THEN 'GET ' || v_api_paths[1 + l.k % cardinality(v_api_paths)] || ' 200'
+                         WHEN 'indexer' THEN 'Indexed ' || 1 + l.k % 500 || ' transcripts'
                          ELSE 'Scheduled job finished' END END,
-           CASE WHEN (l.h & 1) = 0 THEN
-                    jsonb_build_object('host', l.component || '-' || (l.h >> 4) % 3, 'pid', 100 + (l.h >> 8) % 30000)
+           CASE WHEN ((l.h >> 44) & 1) = 0 THEN
+                    jsonb_build_object('host', l.component || '-' || l.k % 3, 'pid', 100 + l.k * 29)
                 END,
-           CASE WHEN l.sev = 0 AND ((l.h >> 1) & 7) < 2 THEN NULL ELSE l.dur END
+           CASE WHEN l.sev = 0 AND ((l.h >> 45) & 7) < 2 THEN NULL ELSE l.dur END
     FROM (
-        SELECT v_start_ep + (v_end_ep - v_start_ep)
-                   * power((j + demo.unit(a.h0)) / v_logs, v_growth_inv) AS ep,
-               v_components[1 + ((a.h >> 16) & 255) % cardinality(v_components)] AS component,
-               CASE WHEN ((a.h >> 24) & 1023) < 15 THEN 2 WHEN ((a.h >> 24) & 1023) < 50 THEN 1 ELSE 0 END AS sev,
-               (1 + floor(5000 * power(((a.h >> 34) & 1048575) / 1048576.0, 4)))::int AS dur,
-               a.h
-        FROM generate_series(0, v_logs - 1) j,
-             LATERAL (SELECT hashint8extended(j, v_s + 401) AS h0,
-                             hashint8extended(j, v_s + 402) & 9223372036854775807 AS h) a
+        SELECT a.j, a.h,
+               v_components[1 + (a.h & 255) % cardinality(v_components)] AS component,
+               CASE WHEN ((a.h >> 8) & 1023) < 15 THEN 2 WHEN ((a.h >> 8) & 1023) < 50 THEN 1 ELSE 0 END AS sev,
+               (1 + floor(5000 * power(((a.h >> 18) & 65535) / 65536.0::float8, 4)))::int AS dur,
+               (a.h >> 34) & 1023 AS k
+        FROM (
+            SELECT j, hashint8extended(j, v_s + 401) AS h
+            FROM generate_series(0, v_logs - 1) j
+            OFFSET 0
+        ) a
         OFFSET 0
     ) l;
     GET DIAGNOSTICS v_rows = ROW_COUNT;
@@ -551,9 +591,10 @@ BEGIN
     v_counts := v_counts || jsonb_build_object('bcfy_playlist_poll_log', v_rows);
     v_steps := v_steps || jsonb_build_object('bcfy_playlist_poll_log', round(extract(epoch FROM clock_timestamp() - v_step)::numeric, 2));
 
-    -- Recreate the dropped indexes, exactly as they were.
+    -- Recreate what was dropped, exactly as it was: keys and indexes, statistics, then the
+    -- foreign keys (validated by one join each, planned with fresh statistics).
     v_step := clock_timestamp();
-    FOREACH v_def IN ARRAY v_idx_defs LOOP
+    FOREACH v_def IN ARRAY v_key_add || v_idx_defs LOOP
         EXECUTE v_def;
     END LOOP;
     v_steps := v_steps || jsonb_build_object('indexes', round(extract(epoch FROM clock_timestamp() - v_step)::numeric, 2));
@@ -563,16 +604,24 @@ BEGIN
             api_call_metrics, system_logs;
     v_steps := v_steps || jsonb_build_object('analyze', round(extract(epoch FROM clock_timestamp() - v_step)::numeric, 2));
 
+    v_step := clock_timestamp();
+    FOREACH v_def IN ARRAY v_fk_add LOOP
+        EXECUTE v_def;
+    END LOOP;
+    v_steps := v_steps || jsonb_build_object('foreign_keys', round(extract(epoch FROM clock_timestamp() - v_step)::numeric, 2));
+
     RAISE NOTICE 'demo.seed: % playlists, % calls, % transcripts, % processing_state, % api_call_metrics, '
-                 '% system_logs, % poll_log rows in % s (indexes rebuilt: %)',
+                 '% system_logs, % poll_log rows in % s (indexes/constraints rebuilt: %)',
         v_counts->>'bcfy_playlists', v_counts->>'bcfy_calls_raw', v_counts->>'transcripts',
         v_counts->>'processing_state', v_counts->>'api_call_metrics', v_counts->>'system_logs',
         v_counts->>'bcfy_playlist_poll_log',
-        round(extract(epoch FROM clock_timestamp() - v_t0)::numeric, 1), cardinality(v_idx_defs);
+        round(extract(epoch FROM clock_timestamp() - v_t0)::numeric, 1),
+        cardinality(v_idx_defs) + cardinality(v_key_add) + cardinality(v_fk_add);
 
     RETURN jsonb_build_object('rows', v_counts, 'seconds',
                               round(extract(epoch FROM clock_timestamp() - v_t0)::numeric, 2),
                               'steps', v_steps, 'indexes_rebuilt', cardinality(v_idx_defs),
+                              'constraints_rebuilt', cardinality(v_key_add) + cardinality(v_fk_add),
                               'seed', p_seed, 'anchor', p_anchor);
 END;
 $fn$;
