@@ -2,17 +2,19 @@
 
     res = run_playbook(db, "phase1", extra_vars={"migrate_retries": 1})
     assert res.ok, res.text
-    res.changed, res.stats, res.failures, res.messages, res.task("Apply pending ...")
+    res.changed, res.stats, res.failures, res.messages, res.task("Apply pending")
 
 A temporary inventory (YAML, 0600, in a private temp dir) describes one host `testdb` of the
-group `scanner_db` with `ansible_connection: local`, exactly like inventory/local/hosts.yml,
-and the connection inputs (scanner_db_*) as host vars. backup_dir and report_dir are folders
-in the same temp dir unless overridden. ansible-playbook runs from the repo with the repo's
-ansible.cfg and the JSON stdout callback, whose output is parsed into stats and failures.
+group `scanner_db` with `ansible_connection: local`, like inventory/local/hosts.yml, and the
+connection inputs (scanner_db_*) as host vars; backup_dir and report_dir are folders in the
+same temp dir unless overridden. ansible-playbook runs from the repo with the repo's
+ansible.cfg, so stdout is the default callback's output, exactly what an operator sees.
 
-The temp dir is removed when the Result is garbage collected only if `keep=False`; by default
-it is kept for the test (use res.workdir / res.backup_dir / res.report_dir) and removed at
-interpreter exit.
+ansible-core 2.19 moved the `json` stdout callback to ansible.posix (not installed here), so the
+structure comes from a small notification callback written into the temp dir: it appends one
+JSON line per task result and the final stats to events.jsonl, which is parsed into
+stats (ok/changed/failed per host), failures (task name + msg), messages and warnings.
+Temp dirs are removed at interpreter exit.
 """
 from __future__ import annotations
 
@@ -39,6 +41,61 @@ HOST = "testdb"
 UNSET = object()
 
 _WORKDIRS: list[str] = []
+
+CALLBACK_NAME = "dbops_test_events"
+CALLBACK_SOURCE = '''
+from __future__ import annotations
+import json, os
+from ansible.plugins.callback import CallbackBase
+
+DOCUMENTATION = """
+name: dbops_test_events
+type: notification
+short_description: test helper, task results as JSON lines
+description: [Appends one JSON line per task result to $DBOPS_TEST_EVENTS.]
+"""
+
+
+class CallbackModule(CallbackBase):
+    CALLBACK_VERSION = 2.0
+    CALLBACK_TYPE = "notification"
+    CALLBACK_NAME = "dbops_test_events"
+    CALLBACK_NEEDS_ENABLED = True
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._path = os.environ.get("DBOPS_TEST_EVENTS")
+
+    def _write(self, event):
+        if self._path:
+            with open(self._path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(event, default=str, ensure_ascii=False) + "\\n")
+
+    def _task(self, status, result, **extra):
+        task = result.task
+        self._write(dict(event="task", status=status, host=result.host.get_name(), task=task.get_name(),
+                         action=task.action, ignore_errors=bool(task.ignore_errors),
+                         result=dict(result.result), **extra))
+
+    def v2_playbook_on_play_start(self, play):
+        self._write(dict(event="play", name=play.get_name()))
+
+    def v2_runner_on_ok(self, result):
+        self._task("ok", result)
+
+    def v2_runner_on_failed(self, result, ignore_errors=False):
+        self._task("failed", result, ignored=bool(ignore_errors))
+
+    def v2_runner_on_unreachable(self, result):
+        self._task("unreachable", result)
+
+    def v2_runner_on_skipped(self, result):
+        self._task("skipped", result)
+
+    def v2_playbook_on_stats(self, stats):
+        hosts = sorted(stats.processed.keys())
+        self._write(dict(event="stats", stats={h: stats.summarize(h) for h in hosts}))
+'''
 
 
 @atexit.register
