@@ -129,7 +129,7 @@ for f in usr/lib/postgresql/15/bin/initdb usr/lib/postgresql/15/lib/pg_cron.so \
 done
 chroot "$root" python3 -c 'import psycopg2' || die "image is missing python3-psycopg2"
 
-tar --numeric-owner -C "$root" -c . | podman import \
+tar --numeric-owner -C "$root" -c . | podman import --quiet \
   --change 'CMD=["sleep","infinity"]' \
   --change 'ENV=LANG=C.UTF-8' \
   --change "LABEL=org.scanner-dbops.build-hash=$hash" \

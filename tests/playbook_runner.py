@@ -8,12 +8,12 @@ A temporary inventory (YAML, 0600, in a private temp dir) describes one host `te
 group `scanner_db` with `ansible_connection: local`, like inventory/local/hosts.yml, and the
 connection inputs (scanner_db_*) as host vars; backup_dir and report_dir are folders in the
 same temp dir unless overridden. ansible-playbook runs from the repo with the repo's
-ansible.cfg, so stdout is the default callback's output, exactly what an operator sees.
+ansible.cfg, so stdout is the default callback's output: exactly what an operator sees.
 
 ansible-core 2.19 moved the `json` stdout callback to ansible.posix (not installed here), so the
 structure comes from a small notification callback written into the temp dir: it appends one
-JSON line per task result and the final stats to events.jsonl, which is parsed into
-stats (ok/changed/failed per host), failures (task name + msg), messages and warnings.
+JSON line per task result, and the final stats, to events.jsonl, parsed into stats
+(ok/changed/failed per host), failures (task name + msg), messages and warnings.
 Temp dirs are removed at interpreter exit.
 """
 from __future__ import annotations
@@ -40,12 +40,16 @@ HOST = "testdb"
 # Value for inventory_vars that removes the variable from the host (to test "undefined").
 UNSET = object()
 
-_WORKDIRS: list[str] = []
+_WORKDIRS: list = []
 
 CALLBACK_NAME = "dbops_test_events"
-CALLBACK_SOURCE = '''
+CALLBACK_SOURCE = r'''
 from __future__ import annotations
-import json, os
+
+import json
+import os
+import time
+
 from ansible.plugins.callback import CallbackBase
 
 DOCUMENTATION = """
@@ -68,14 +72,14 @@ class CallbackModule(CallbackBase):
 
     def _write(self, event):
         if self._path:
+            event["t"] = time.time()
             with open(self._path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(event, default=str, ensure_ascii=False) + "\\n")
+                fh.write(json.dumps(event, default=str, ensure_ascii=False) + "\n")
 
     def _task(self, status, result, **extra):
         task = result.task
         self._write(dict(event="task", status=status, host=result.host.get_name(), task=task.get_name(),
-                         action=task.action, ignore_errors=bool(task.ignore_errors),
-                         result=dict(result.result), **extra))
+                         action=task.action, result=dict(result.result), **extra))
 
     def v2_playbook_on_play_start(self, play):
         self._write(dict(event="play", name=play.get_name()))
@@ -108,7 +112,7 @@ def _cleanup():  # pragma: no cover - process exit
 class Failure:
     task: str
     msg: str
-    rescued: bool = False   # inside a block that had a rescue (the play went on)
+    ignored: bool = False   # ignore_errors: the play went on
 
     def __str__(self):
         return "%s: %s" % (self.task, self.msg)
@@ -125,12 +129,12 @@ class Result:
     backup_dir: pathlib.Path
     report_dir: pathlib.Path
     inventory: pathlib.Path
-    data: dict | None = None            # the parsed JSON callback output (None if unparsable)
+    events: list = dataclasses.field(default_factory=list)     # raw events of the callback
     stats: dict = dataclasses.field(default_factory=dict)      # host -> {ok, changed, failed, ...}
-    failures: list = dataclasses.field(default_factory=list)   # [Failure]
-    messages: list = dataclasses.field(default_factory=list)   # every debug msg / module msg, flattened
+    failures: list = dataclasses.field(default_factory=list)   # [Failure] in order
+    messages: list = dataclasses.field(default_factory=list)   # every msg a task returned, flattened
     warnings: list = dataclasses.field(default_factory=list)
-    tasks: list = dataclasses.field(default_factory=list)      # [(task name, result dict of HOST)]
+    tasks: list = dataclasses.field(default_factory=list)      # [(task name, status, result dict)]
 
     # ---- convenience ---------------------------------------------------------------------
     @property
@@ -150,43 +154,40 @@ class Result:
         return self.host_stats.get("failed", 0)
 
     @property
-    def fatal(self) -> list:
-        """Failures that stopped the run (not the ones a rescue handled)."""
-        return [f for f in self.failures if not f.rescued]
-
-    @property
     def failure_text(self) -> str:
         return "\n".join(str(f) for f in self.failures)
 
     @property
     def output(self) -> str:
-        """Everything the operator sees (stdout + stderr), plus the parsed messages unescaped."""
-        return "\n".join([self.stdout, self.stderr, "\n".join(self.messages), self.failure_text])
+        """Everything the operator sees (stdout + stderr)."""
+        return self.stdout + "\n" + self.stderr
 
-    def task(self, name_part: str) -> dict | None:
+    @property
+    def all_text(self) -> str:
+        """stdout + stderr + the parsed messages and failures (for searching)."""
+        return "\n".join([self.stdout, self.stderr, "\n".join(self.messages), self.failure_text,
+                          "\n".join(self.warnings)])
+
+    def task(self, name_part: str, status: str | None = None) -> dict | None:
         """The (last) result of the task whose name contains name_part."""
-        found = [r for n, r in self.tasks if name_part in n]
+        found = [r for n, s, r in self.tasks if name_part in n and (status is None or s == status)]
         return found[-1] if found else None
 
-    def task_names(self) -> list:
-        return [n for n, _ in self.tasks]
+    def task_names(self, status: str | None = None) -> list:
+        return [n for n, s, _ in self.tasks if status is None or s == status]
 
     @property
     def text(self) -> str:
         lines = ["$ %s" % " ".join(self.cmd), "rc=%s in %.1fs; stats=%s" % (self.rc, self.duration, self.stats)]
         if self.failures:
             lines.append("FAILURES:")
-            lines += ["  - %s%s" % ("(rescued) " if f.rescued else "", f) for f in self.failures]
+            lines += ["  - %s%s" % ("(ignored) " if f.ignored else "", f) for f in self.failures]
         if self.warnings:
             lines.append("WARNINGS:")
             lines += ["  - %s" % w for w in self.warnings]
-        if self.messages:
-            lines.append("MESSAGES:")
-            lines += ["  - %s" % m for m in self.messages]
-        if self.data is None:
-            lines += ["STDOUT (not JSON):", self.stdout[-20000:]]
+        lines += ["STDOUT (tail):", self.stdout[-12000:]]
         if self.stderr.strip():
-            lines += ["STDERR:", self.stderr[-10000:]]
+            lines += ["STDERR (tail):", self.stderr[-6000:]]
         return "\n".join(lines)
 
     def __str__(self):
@@ -202,7 +203,7 @@ def _msg_of(res: dict) -> str:
 
 
 def _flatten(msg) -> list:
-    if msg is None:
+    if msg is None or msg == "":
         return []
     if isinstance(msg, (list, tuple)):
         out = []
@@ -214,45 +215,41 @@ def _flatten(msg) -> list:
     return [str(msg)]
 
 
-def _parse(result: Result):
-    try:
-        # The JSON callback prints one document; anything before "{" is noise (e.g. warnings).
-        start = result.stdout.find("{")
-        data = json.loads(result.stdout[start:]) if start >= 0 else None
-    except ValueError:
-        data = None
-    result.data = data
-    if not data:
+def _parse(result: Result, events_path: pathlib.Path):
+    if not events_path.exists():
         return
-    for host, st in (data.get("stats") or {}).items():
-        st = dict(st)
-        st["failed"] = st.get("failures", 0)
-        result.stats[host] = st
-    for play in data.get("plays", []):
-        for task in play.get("tasks", []):
-            name = task.get("task", {}).get("name", "")
-            for host, res in (task.get("hosts") or {}).items():
-                if host != HOST:
-                    continue
-                result.tasks.append((name, res))
-                result.warnings += [str(w) for w in res.get("warnings") or []]
-                result.messages += _flatten(res.get("msg"))
-                if res.get("notices") and name and "Show what PostgreSQL said" not in name:
-                    result.messages += _flatten(res.get("notices"))
-                items = res.get("results") if isinstance(res.get("results"), list) else []
-                for item in items:
-                    if isinstance(item, dict):
-                        result.warnings += [str(w) for w in item.get("warnings") or []]
-                        if item.get("failed") and not item.get("failed_when_result") is False:
-                            result.failures.append(Failure(name, _msg_of(item)))
-                if res.get("failed") and not (items and any(
-                        isinstance(i, dict) and i.get("failed") for i in items)):
-                    result.failures.append(Failure(name, _msg_of(res)))
-    # A failure followed by a rescue is marked: the last failure of the run is the fatal one.
-    rescued_stat = result.stats.get(HOST, {}).get("rescued", 0)
-    if rescued_stat and len(result.failures) > 1:
-        for f in result.failures[:-1]:
-            f.rescued = True
+    for line in events_path.read_text(encoding="utf-8").splitlines():
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        result.events.append(ev)
+        if ev["event"] == "stats":
+            for host, st in ev["stats"].items():
+                st = dict(st)
+                st["failed"] = st.get("failures", 0)
+                result.stats[host] = st
+            continue
+        if ev["event"] != "task" or ev["host"] != HOST:
+            continue
+        name, res, status = ev["task"], ev["result"], ev["status"]
+        result.tasks.append((name, status, res))
+        result.warnings += [str(w) for w in res.get("warnings") or []]
+        if status != "skipped":
+            result.messages += _flatten(res.get("msg"))
+        items = res.get("results") if isinstance(res.get("results"), list) else []
+        failed_items = [i for i in items if isinstance(i, dict) and i.get("failed")]
+        for item in items:
+            if isinstance(item, dict):
+                result.warnings += [str(w) for w in item.get("warnings") or []]
+                if item.get("msg") and not item.get("failed") and item.get("msg") != "All assertions passed":
+                    result.messages += _flatten(item.get("msg"))
+        if status in ("failed", "unreachable"):
+            ignored = bool(ev.get("ignored"))
+            if failed_items:
+                result.failures += [Failure(name, _msg_of(i), ignored) for i in failed_items]
+            else:
+                result.failures.append(Failure(name, _msg_of(res), ignored))
 
 
 @dataclasses.dataclass
@@ -263,6 +260,7 @@ class Prepared:
     backup_dir: pathlib.Path
     report_dir: pathlib.Path
     inventory: pathlib.Path
+    events: pathlib.Path
 
 
 def host_vars(db, workdir: pathlib.Path) -> dict:
@@ -280,11 +278,26 @@ def host_vars(db, workdir: pathlib.Path) -> dict:
     }
 
 
+def _write_private(path: pathlib.Path, text: str):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.chmod(path, 0o600)
+
+
+def new_workdir() -> pathlib.Path:
+    d = pathlib.Path(tempfile.mkdtemp(prefix="dbops-pb-"))   # 0700
+    _WORKDIRS.append(str(d))
+    return d
+
+
 def prepare(db, playbook: str, extra_vars=None, check=False, inventory_vars=None, env=None,
             args=None, workdir=None) -> Prepared:
-    workdir = pathlib.Path(workdir or tempfile.mkdtemp(prefix="dbops-pb-"))
-    if str(workdir) not in _WORKDIRS:
-        _WORKDIRS.append(str(workdir))
+    """Write the inventory, extra vars and callback; return the command and its environment.
+
+    workdir: reuse a folder (e.g. of a previous run) so backups/reports accumulate there."""
+    workdir = pathlib.Path(workdir) if workdir else new_workdir()
+    stamp = time.monotonic_ns()
     hv = host_vars(db, workdir)
     for key, val in (inventory_vars or {}).items():
         if val is UNSET:
@@ -292,18 +305,17 @@ def prepare(db, playbook: str, extra_vars=None, check=False, inventory_vars=None
         else:
             hv[key] = val
     inv = workdir / "inventory.yml"
-    fd = os.open(inv, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        yaml.safe_dump({"scanner_db": {"hosts": {HOST: hv}}}, fh, default_flow_style=False)
-    os.chmod(inv, 0o600)
+    _write_private(inv, yaml.safe_dump({"scanner_db": {"hosts": {HOST: hv}}}, default_flow_style=False))
+    cb_dir = workdir / "callback_plugins"
+    cb_dir.mkdir(exist_ok=True)
+    (cb_dir / (CALLBACK_NAME + ".py")).write_text(CALLBACK_SOURCE)
+    events = workdir / ("events_%d.jsonl" % stamp)
     name = playbook if playbook.endswith((".yml", ".yaml")) else playbook + ".yml"
     path = name if os.path.isabs(name) or "/" in name else "playbooks/" + name
     cmd = [str(ANSIBLE_PLAYBOOK), "-i", str(inv), path]
     if extra_vars:
-        ev = workdir / ("extra_vars_%d.json" % time.monotonic_ns())
-        fd = os.open(ev, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(extra_vars, fh)
+        ev = workdir / ("extra_vars_%d.json" % stamp)
+        _write_private(ev, json.dumps(extra_vars))
         cmd += ["-e", "@" + str(ev)]
     if check:
         cmd += ["--check"]
@@ -311,7 +323,9 @@ def prepare(db, playbook: str, extra_vars=None, check=False, inventory_vars=None
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "PG"))}
     full_env.update({
         "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
-        "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.json",
+        "ANSIBLE_CALLBACK_PLUGINS": str(cb_dir),
+        "ANSIBLE_CALLBACKS_ENABLED": CALLBACK_NAME,
+        "DBOPS_TEST_EVENTS": str(events),
         "ANSIBLE_NOCOLOR": "1",
         "ANSIBLE_FORCE_COLOR": "0",
         "ANSIBLE_LOCAL_TEMP": str(workdir / "ansible-tmp"),
@@ -323,38 +337,107 @@ def prepare(db, playbook: str, extra_vars=None, check=False, inventory_vars=None
     full_env.update(env or {})
     backup_dir = pathlib.Path(hv.get("backup_dir", workdir / "backups"))
     report_dir = pathlib.Path(hv.get("report_dir", workdir / "reports"))
-    return Prepared(cmd, full_env, workdir, backup_dir, report_dir, inv)
+    return Prepared(cmd, full_env, workdir, backup_dir, report_dir, inv, events)
 
 
-def run_playbook(db, playbook: str, extra_vars=None, check=False, inventory_vars=None, env=None,
-                 args=None, workdir=None, timeout: float = 300) -> Result:
-    """Run playbooks/<playbook>.yml against db (a conftest DbInfo) and parse what it reported."""
-    prep = prepare(db, playbook, extra_vars, check, inventory_vars, env, args, workdir)
-    t0 = time.monotonic()
+def start_playbook(db, playbook: str, **kw):
+    """Start a playbook in its own process group; returns (Popen, Prepared).
+
+    Kill it with os.killpg(proc.pid, signal.SIGKILL); or wait and call finish()."""
+    prep = prepare(db, playbook, **kw)
     proc = subprocess.Popen(prep.cmd, cwd=REPO, env=prep.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
+    proc.started_at = time.monotonic()
+    return proc, prep
+
+
+def finish(proc, prep: Prepared, timeout: float = 300) -> Result:
+    """Wait for a started playbook (killing its process group after timeout) and parse it."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         err += "\n[playbook_runner] killed after %ss timeout" % timeout
-    return finish(prep, proc.returncode, out, err, time.monotonic() - t0)
-
-
-def finish(prep: Prepared, rc, out, err, duration) -> Result:
-    res = Result(rc=rc, stdout=out or "", stderr=err or "", cmd=prep.cmd, duration=duration,
+    res = Result(rc=proc.returncode, stdout=out or "", stderr=err or "", cmd=prep.cmd,
+                 duration=time.monotonic() - getattr(proc, "started_at", time.monotonic()),
                  workdir=prep.workdir, backup_dir=prep.backup_dir, report_dir=prep.report_dir,
                  inventory=prep.inventory)
-    _parse(res)
+    _parse(res, prep.events)
     return res
 
 
-def start_playbook(db, playbook: str, **kw):
-    """Start a playbook in its own process group; returns (Popen, Prepared). Finish with
-    finish(prep, proc.returncode, out, err, duration) or kill with os.killpg(proc.pid, ...)."""
-    prep = prepare(db, playbook, **kw)
-    proc = subprocess.Popen(prep.cmd, cwd=REPO, env=prep.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    return proc, prep
+def run_playbook(db, playbook: str, extra_vars=None, check=False, inventory_vars=None, env=None,
+                 args=None, workdir=None, timeout: float = 300) -> Result:
+    """Run playbooks/<playbook>.yml against db (a conftest DbInfo) and parse what it reported."""
+    proc, prep = start_playbook(db, playbook, extra_vars=extra_vars, check=check, inventory_vars=inventory_vars,
+                                env=env, args=args, workdir=workdir)
+    return finish(proc, prep, timeout=timeout)
 
+
+# ---- the project's Python code, in process ---------------------------------------------------
+def _load(mod_name: str, path: pathlib.Path):
+    import importlib.util
+    import sys
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def project_code():
+    """The project's module_utils and modules, imported the way Ansible would see them.
+
+    Returns a namespace with dbops_sql, dbops_pg (registered as ansible.module_utils.dbops_*),
+    dbops_migrate and dbops_run_lock (the module files)."""
+    import types
+
+    import ansible.module_utils as amu
+    mu = REPO / "plugins" / "module_utils"
+    sql = _load("ansible.module_utils.dbops_sql", mu / "dbops_sql.py")
+    pg = _load("ansible.module_utils.dbops_pg", mu / "dbops_pg.py")
+    amu.dbops_sql, amu.dbops_pg = sql, pg
+    mods = REPO / "plugins" / "modules"
+    migrate = _load("dbops_test_dbops_migrate", mods / "dbops_migrate.py")
+    run_lock = _load("dbops_test_dbops_run_lock", mods / "dbops_run_lock.py")
+    return types.SimpleNamespace(dbops_sql=sql, dbops_pg=pg, dbops_migrate=migrate, dbops_run_lock=run_lock)
+
+
+def lookup_migrations(phase: str = "001", sql_dir=None):
+    """The dbops_migrations lookup, loaded through Ansible's plugin loader (it needs its docs)."""
+    from ansible.plugins.loader import lookup_loader
+    lookup_loader.add_directory(str(REPO / "plugins" / "lookup"))
+    lk = lookup_loader.get("dbops_migrations")
+    return lk.run([phase], variables={}, sql_dir=str(sql_dir or REPO / "files" / "sql"))[0]
+
+
+class _FakeModule:
+    def __init__(self, params, check_mode=False):
+        self.params = params
+        self.check_mode = check_mode
+
+
+def migrate_direct(db, phase: str = "001", state: str = "applied", sql_dir=None, check_mode=False,
+                   user=None, password=None, **overrides) -> dict:
+    """Run dbops_migrate's Runner in this process (fast setup for a test: same code, same ledger).
+
+    Connects as db.user (or user/password). Returns the module's result dict."""
+    code = project_code()
+    params = dict(login_host=db.host, login_port=db.port, login_user=user or db.user,
+                  login_password=password if password is not None else db.password, login_db=db.name,
+                  ssl_mode="disable", ca_cert=None, ssl_cert=None, ssl_key=None, connect_params={},
+                  migrations=lookup_migrations(phase, sql_dir), state=state, ledger_schema="dbops",
+                  lock_timeout="2s", concurrent_lock_timeout="5min", statement_timeout="0", retries=8,
+                  retry_delay=0.5, include_unrecorded=False, run_id="test-direct", applied_by="pytest")
+    params.update(overrides)
+    runner = code.dbops_migrate.Runner(_FakeModule(params, check_mode))
+    runner.conn = code.dbops_pg.connect(params, "scanner-dbops test")
+    try:
+        result = runner.run()
+    finally:
+        runner.conn.close()
+    result["notices"] = runner.notices
+    return result

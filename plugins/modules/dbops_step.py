@@ -1,0 +1,124 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+"""Run one step of an online migration (a function or procedure call) safely on a busy database."""
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: dbops_step
+short_description: Call one migration step under lock_timeout, with backoff retries, and return its jsonb
+description:
+  - Runs one statement (typically C(SELECT dbops.p2_swap(%(table)s)) or C(CALL dbops.p2_backfill(...))) in
+    autocommit, so a procedure may COMMIT per batch and nothing is held in one long transaction.
+  - Sets C(lock_timeout) and C(statement_timeout) first; a lock timeout, deadlock or serialization failure
+    is retried with exponential backoff, and after the last retry the step stops cleanly (never waits unbounded).
+  - Returns the first column of the first row (decoded when it is json/jsonb) as C(result), and the
+    PostgreSQL notices raised by the step.
+  - Change is derived from the result, never hard-wired - C(result.changed) when the step returns it,
+    otherwise C(changed_if_result_key) / C(unchanged_statuses).
+  - In check mode nothing is run unless C(read_only=true).
+options:
+  sql: {type: str, required: true, description: One statement; psycopg2 named parameters allowed.}
+  args: {type: dict, default: {}, description: Named parameters for sql.}
+  read_only: {type: bool, default: false, description: The step only reads; run it in check mode too, report unchanged.}
+  lock_timeout: {type: str, default: 2s}
+  statement_timeout: {type: str, default: "0"}
+  retries: {type: int, default: 8}
+  retry_delay: {type: float, default: 0.5}
+  unchanged_statuses:
+    type: list
+    elements: str
+    default: [noop, already done, already swapped, already prepared, already verified, already finalized, not swapped, nothing to do, done]
+    description: Values of result.status meaning the step found nothing to do.
+"""
+
+RETURN = r"""
+result: {description: the step's return value (decoded json), type: raw}
+notices: {description: PostgreSQL notices raised during the step, type: list}
+attempts: {description: how many times the step ran (1 = no retry), type: int}
+"""
+
+import json
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible.module_utils.dbops_pg import CONNECTION_ARGSPEC, HAS_PSYCOPG2, connect, pg_error_text, with_retries
+
+try:
+    import psycopg2
+except ImportError:  # pragma: no cover
+    pass
+
+
+def decide_changed(result, unchanged_statuses):
+    if isinstance(result, dict):
+        if "changed" in result:
+            return bool(result["changed"])
+        status = str(result.get("status", "")).lower()
+        if status:
+            return status not in [s.lower() for s in unchanged_statuses]
+    return True
+
+
+def main():
+    spec = dict(CONNECTION_ARGSPEC)
+    spec.update(
+        sql=dict(type="str", required=True),
+        args=dict(type="dict", default={}),
+        read_only=dict(type="bool", default=False),
+        lock_timeout=dict(type="str", default="2s"),
+        statement_timeout=dict(type="str", default="0"),
+        retries=dict(type="int", default=8),
+        retry_delay=dict(type="float", default=0.5),
+        unchanged_statuses=dict(type="list", elements="str",
+                                default=["noop", "already done", "already swapped", "already prepared",
+                                         "already verified", "already finalized", "not swapped", "nothing to do",
+                                         "done"]),
+    )
+    module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
+    if not HAS_PSYCOPG2:
+        module.fail_json(msg="psycopg2 is required on the host that runs this module")
+    p = module.params
+    if module.check_mode and not p["read_only"]:
+        module.exit_json(changed=True, skipped_in_check_mode=True, result=None, notices=[], attempts=0,
+                         msg="check mode: would run %s" % p["sql"])
+    try:
+        conn = connect(p, "scanner-dbops step")
+    except RuntimeError as exc:
+        module.fail_json(msg=str(exc))
+    notices = []
+    t0 = time.monotonic()
+
+    def attempt():
+        with conn.cursor() as cur:
+            cur.execute("SET lock_timeout = %s", (p["lock_timeout"],))
+            cur.execute("SET statement_timeout = %s", (p["statement_timeout"],))
+            cur.execute(p["sql"], p["args"] or None)
+            row = cur.fetchone() if cur.description else None
+        return row[0] if row else None
+
+    def on_retry(n, wait, exc):
+        notices.append("retry %d in %.1fs after: %s" % (n, wait, pg_error_text(exc)))
+
+    try:
+        value, attempts = with_retries(attempt, p["retries"], p["retry_delay"], on_retry=on_retry)
+    except psycopg2.Error as exc:
+        notices.extend(conn.notices.drain())
+        conn.close()
+        module.fail_json(msg="step failed after %d attempt(s), nothing of the failed attempt was kept: %s"
+                         % (len([n for n in notices if n.startswith("retry ")]) + 1, pg_error_text(exc)),
+                         notices=notices)
+    notices.extend(conn.notices.drain())
+    conn.close()
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            pass
+    changed = False if p["read_only"] else decide_changed(value, p["unchanged_statuses"])
+    module.exit_json(changed=changed, result=value, notices=notices, attempts=attempts,
+                     duration_ms=int((time.monotonic() - t0) * 1000))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+-- Guide 2.4 Post-Migration Verification: verify foreign keys still work.
+-- when: any
+SELECT COUNT(*) FROM transcripts WHERE call_uid IS NOT NULL;

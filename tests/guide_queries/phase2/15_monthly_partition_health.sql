@@ -1,0 +1,4 @@
+-- Guide Maintenance Operations, Monthly: review partition health.
+-- when: any
+SELECT * FROM monitoring.partition_health
+ORDER BY total_size DESC;

@@ -1,0 +1,4 @@
+-- Guide Troubleshooting, "Query Performance Not Improved" 1: verify partition pruning ("Subplans Removed: X").
+-- when: any
+EXPLAIN SELECT * FROM bcfy_calls_raw
+WHERE started_at > NOW() - INTERVAL '1 day';
