@@ -168,6 +168,15 @@ class Result:
         return "\n".join([self.stdout, self.stderr, "\n".join(self.messages), self.failure_text,
                           "\n".join(self.warnings)])
 
+    def shows(self, needle: str) -> bool:
+        """Did the operator's screen (stdout/stderr) show needle? The default callback prints
+        results as YAML and folds long strings over several lines, so whitespace runs are
+        compared as one space (and YAML's '' for a quote inside '...' as ')."""
+        def norm(text):
+            return " ".join(text.split())
+        screen = norm(self.stdout + "\n" + self.stderr)
+        return norm(needle) in screen or norm(needle) in screen.replace("''", "'")
+
     def task(self, name_part: str, status: str | None = None) -> dict | None:
         """The (last) result of the task whose name contains name_part."""
         found = [r for n, s, r in self.tasks if name_part in n and (status is None or s == status)]
@@ -441,3 +450,68 @@ def migrate_direct(db, phase: str = "001", state: str = "applied", sql_dir=None,
         runner.conn.close()
     result["notices"] = runner.notices
     return result
+
+
+# ---- databases that outlive one test ---------------------------------------------------------
+def create_db(pg_server, baseline: bool = True, seed_calls: int = 0, cron: bool = False, name: str | None = None):
+    """Like conftest's make_db, for module-scoped fixtures (make_db is function-scoped).
+
+    The caller drops it with drop_db(pg_server, db.name)."""
+    import uuid
+
+    import conftest  # the tests' conftest (pytest imported it under this name)
+    dbname = pg_server.cron_db if cron else (name or "t_" + uuid.uuid4().hex[:12])
+    su = pg_server.connect("postgres", superuser=True)
+    su.autocommit = True
+    with su.cursor() as cur:
+        cur.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % dbname)
+        cur.execute('CREATE DATABASE "%s" OWNER %s' % (dbname, pg_server.user))
+    su.close()
+    su = pg_server.connect(dbname, superuser=True)
+    su.autocommit = True
+    with su.cursor() as cur:
+        cur.execute("ALTER SCHEMA public OWNER TO %s" % pg_server.user)
+        cur.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        if cron:
+            cur.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
+            cur.execute("GRANT USAGE ON SCHEMA cron TO %s" % pg_server.user)
+    su.close()
+    db = conftest.DbInfo(pg_server, dbname)
+    if baseline:
+        conftest._run_sql_file(db, conftest.BASELINE_DIR / "01_schema.sql")
+        if seed_calls:
+            conftest._run_sql_file(db, conftest.BASELINE_DIR / "02_demo_data.sql")
+            db.query("SELECT demo.seed(%s)", (seed_calls,))
+    return db
+
+
+def drop_db(pg_server, name: str):
+    su = pg_server.connect("postgres", superuser=True)
+    su.autocommit = True
+    try:
+        with su.cursor() as cur:
+            cur.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name)
+    finally:
+        su.close()
+
+
+def db_state(db) -> dict:
+    """Everything a phase could change (schemas, indexes, constraints, views, ledger, run lock),
+    read as superuser; compare two snapshots to prove a run changed nothing."""
+    def q(text):
+        return db.query(text, superuser=True)
+    state = {
+        "schemas": q("SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%' ORDER BY 1"),
+        "indexes": q("SELECT schemaname, indexname, indexdef FROM pg_indexes "
+                     "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"),
+        "invalid": q("SELECT indexrelid::regclass::text FROM pg_index WHERE NOT indisvalid ORDER BY 1"),
+        "constraints": q("SELECT conrelid::regclass::text, conname, convalidated FROM pg_constraint "
+                         "WHERE connamespace = 'public'::regnamespace ORDER BY 1, 2"),
+        "views": q("SELECT schemaname, viewname FROM pg_views WHERE schemaname NOT IN "
+                   "('pg_catalog', 'information_schema') ORDER BY 1, 2"),
+    }
+    if q("SELECT to_regclass('dbops.schema_migrations') IS NOT NULL")[0][0]:
+        state["ledger"] = q("SELECT version, checksum, applied_at::text FROM dbops.schema_migrations ORDER BY 1")
+    if q("SELECT to_regclass('dbops.run_lock') IS NOT NULL")[0][0]:
+        state["run_lock"] = q("SELECT run_id, holder, expires_at::text FROM dbops.run_lock ORDER BY 1")
+    return state

@@ -25,7 +25,7 @@ import psycopg2
 import pytest
 
 import playbook_runner
-from playbook_runner import UNSET, run_playbook
+from playbook_runner import UNSET, db_state, run_playbook
 
 PASSWORD = "Zebra-Distinct:Pw#8841"      # distinctive: any leak is found by a plain substring search
 WRONG_PASSWORD = "Wrong-Zebra:Pw#5512"
@@ -66,26 +66,6 @@ def target(make_db, operator):
     return Login(db, operator, PASSWORD)
 
 
-def db_state(db) -> dict:
-    """Everything a phase could change, read as superuser."""
-    q = lambda sql: db.query(sql, superuser=True)  # noqa: E731
-    state = {
-        "schemas": q("SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%' ORDER BY 1"),
-        "indexes": q("SELECT schemaname, indexname, indexdef FROM pg_indexes "
-                     "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"),
-        "invalid": q("SELECT indexrelid::regclass::text FROM pg_index WHERE NOT indisvalid"),
-        "constraints": q("SELECT conrelid::regclass::text, conname, convalidated FROM pg_constraint "
-                         "WHERE connamespace = 'public'::regnamespace ORDER BY 1, 2"),
-        "views": q("SELECT schemaname, viewname FROM pg_views WHERE schemaname NOT IN "
-                   "('pg_catalog', 'information_schema') ORDER BY 1, 2"),
-    }
-    if q("SELECT to_regclass('dbops.schema_migrations') IS NOT NULL")[0][0]:
-        state["ledger"] = q("SELECT version, checksum, applied_at FROM dbops.schema_migrations ORDER BY 1")
-    if q("SELECT to_regclass('dbops.run_lock') IS NOT NULL")[0][0]:
-        state["run_lock"] = q("SELECT * FROM dbops.run_lock")
-    return state
-
-
 def files_under(path) -> list:
     out = []
     for root, _dirs, files in os.walk(path):
@@ -96,7 +76,6 @@ def files_under(path) -> list:
 def assert_refused(res, before, db, *needles, password=PASSWORD):
     """The run failed in preflight, said `needles`, kept the password secret, changed nothing."""
     assert res.rc != 0, res.text
-    print("\nFAILURE_TEXT:", res.failure_text)
     assert res.failures, "the run failed without a task failure message:\n" + res.text
     message = res.failure_text
     for needle in needles:

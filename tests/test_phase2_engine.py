@@ -35,7 +35,9 @@ SQL_DIR = REPO / "files" / "sql"
 PHASE1 = sorted(SQL_DIR.glob("001_*.sql"))
 PHASE2 = sorted(SQL_DIR.glob("002_*.sql"))
 ROLLBACK2 = sorted((SQL_DIR / "rollback").glob("002_*.sql"), reverse=True)
-GUIDE2 = sorted((REPO / "tests" / "guide_queries" / "phase2").glob("*.sql"))
+# Read-only checks also run by the verify role (files/sql/checks/002) + stage-specific / writing ones (tests only).
+GUIDE2 = sorted([*(REPO / "files" / "sql" / "checks" / "002").glob("*.sql"),
+                 *(REPO / "tests" / "guide_queries" / "phase2").glob("*.sql")], key=lambda p: p.name)
 NO_TX_MARKER = "-- dbops:no-transaction"
 PSQL = next((p for p in ("/usr/lib/postgresql/15/bin/psql", shutil.which("psql")) if p and os.path.exists(p)), None)
 SQUAWK = next((p for p in ("/tmp/venvtest/bin/squawk", shutil.which("squawk")) if p and os.path.exists(p)), None)
@@ -513,7 +515,9 @@ def test_backfill_resumes_after_cancel(engine_db):
     # max_seconds = 0: one batch per call, progress reported
     res = call(db, "CALL dbops.p2_backfill('api_call_metrics', 100, 0)")
     assert res["status"] == "in progress" and res["batches_this_call"] == 1 and res["rows_done"] == done + 100
-    backfill(db, "api_call_metrics", 2000)
+    assert res["changed"] is True
+    assert backfill(db, "api_call_metrics", 20000)[-1]["changed"] is True   # the call that finishes
+    assert call(db, "CALL dbops.p2_backfill('api_call_metrics', 100, 0)")["changed"] is False
     v = call(db, "SELECT dbops.p2_verify('api_call_metrics')")
     assert v["source_rows"] == v["target_rows"] == 12000
     st = db.query("SELECT step, pct, rows_done FROM dbops.p2_status() WHERE table_name = 'api_call_metrics'")[0]
@@ -553,7 +557,8 @@ def test_swap_idempotent_rollback_lossless(engine_db):
              "EXECUTE FUNCTION public.p2t_touch()")
     convert(db, "bcfy_calls_raw")
     convert(db, "transcripts")
-    assert call(db, "SELECT dbops.p2_swap('bcfy_calls_raw')")["status"] == "already swapped"
+    again = call(db, "SELECT dbops.p2_swap('bcfy_calls_raw')")
+    assert again["status"] == "already swapped" and again["changed"] is False
     assert run_guide(db, "swapped") == []
     assert depends_on(db, "p2_recent_calls") == {"bcfy_calls_raw"}
     assert db.scalar("SELECT relkind FROM pg_class WHERE oid = 'bcfy_calls_raw'::regclass") == "p"
@@ -681,7 +686,16 @@ def test_maintain_partitions(engine_db):
         db.query(f"DROP TABLE {p}")
     res = call(db, "SELECT maintain_partitions()")
     assert sorted(res["created"]) == sorted(p for (p,) in last) and res["errors"] == []
-    assert call(db, "SELECT maintain_partitions()")["created"] == []   # idempotent
+    again = call(db, "SELECT maintain_partitions()")
+    assert again["created"] == [] and again["changed"] is False   # idempotent
+    conn = db.connect()   # boundaries are UTC whatever the session's TimeZone
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SET TimeZone = 'Pacific/Chatham'")   # UTC+12:45 / +13:45
+        cur.execute("SELECT maintain_partitions()")
+        res = cur.fetchone()[0]
+    conn.close()
+    assert res["created"] == [] and res["errors"] == [], res
     premake = db.scalar("SELECT premake FROM app_retention_policies WHERE table_name = 'system_logs'")
     assert db.scalar("SELECT count(*) FROM monitoring.partition_health WHERE parent = 'system_logs' "
                      "AND range_start > now()") == premake

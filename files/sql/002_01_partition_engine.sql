@@ -379,7 +379,6 @@ DECLARE
     parent text;
     match_old text;
     still boolean;
-    n bigint;
 BEGIN
     IF current_setting('dbops.p2_internal_move', true) = 'on' THEN
         RETURN NULL;
@@ -427,7 +426,6 @@ BEGIN
                        (SELECT string_agg(format('%I = ($2).%I', ccols[i], pcols[i]), ', ')
                         FROM generate_subscripts(ccols, 1) i), match_old) USING OLD, NEW;
     END IF;
-    GET DIAGNOSTICS n = ROW_COUNT;
     RETURN NULL;
 END
 $$;
@@ -656,7 +654,8 @@ BEGIN
         EXECUTE format('ALTER TABLE %s VALIDATE CONSTRAINT %I', r.rel, r.conname);
         done := done || to_jsonb(r.conname::text);
     END LOOP;
-    RETURN dbops.p2_log(NULL, 'validate_refs', jsonb_build_object('validated', done));
+    RETURN dbops.p2_log(NULL, 'validate_refs', jsonb_build_object('validated', done,
+                                                                 'changed', jsonb_array_length(done) > 0));
 END
 $$;
 
@@ -765,6 +764,7 @@ DECLARE
     lockkey integer;
     t0 timestamptz := clock_timestamp();
     res jsonb;
+    shadow_made boolean := false;
 BEGIN
     SELECT * INTO pol FROM public.app_retention_policies WHERE table_name = tbl;
     IF NOT FOUND OR pol.partition_interval IS NULL THEN
@@ -774,7 +774,7 @@ BEGIN
     SELECT * INTO st FROM dbops.p2_state WHERE table_name = tbl FOR UPDATE;
 
     IF FOUND AND st.step <> 'shadow_created' THEN
-        RETURN jsonb_build_object('status', 'already prepared', 'table', tbl, 'step', st.step);
+        RETURN jsonb_build_object('status', 'already prepared', 'changed', false, 'table', tbl, 'step', st.step);
     END IF;
 
     IF NOT FOUND THEN
@@ -1108,6 +1108,7 @@ $f$, rev, tbl, twin, v_pk_col, dbops.p2_collist(v_ins_cols), coalesce('UPDATE SE
                 v_seqs, v_guards, v_warnings, lo, dbops.p2_next(v_unit, hi), nparts,
                 greatest((SELECT reltuples::bigint FROM pg_class WHERE oid = src), 0))
         RETURNING * INTO st;
+        shadow_made := true;
     END IF;
 
     -- -------------------------------------------------------------------- the sync trigger
@@ -1121,14 +1122,14 @@ $f$, rev, tbl, twin, v_pk_col, dbops.p2_collist(v_ins_cols), coalesce('UPDATE SE
                        'FOR EACH STATEMENT EXECUTE FUNCTION dbops.p2_block_truncate()', tbl);
         UPDATE dbops.p2_state SET step = 'prepared', prepared_at = now(), updated_at = now()
         WHERE table_name = tbl;
-        res := jsonb_build_object('status', 'prepared', 'table', tbl, 'shadow', st.shadow_name,
+        res := jsonb_build_object('status', 'prepared', 'changed', true, 'table', tbl, 'shadow', st.shadow_name,
                                   'partitions', st.partitions_created, 'unit', st.unit,
                                   'range_from', st.range_from, 'range_to', st.range_to,
                                   'rows_estimate', st.rows_total, 'guards', st.guards, 'warnings', st.warnings,
                                   'null_key_fallback', st.null_key_fallback,
                                   'seconds', round(extract(epoch FROM clock_timestamp() - t0)::numeric, 3));
     EXCEPTION WHEN lock_not_available THEN
-        res := jsonb_build_object('status', 'retry', 'table', tbl, 'step', 'shadow_created',
+        res := jsonb_build_object('status', 'retry', 'changed', shadow_made, 'table', tbl, 'step', 'shadow_created',
                                   'reason', 'lock_not_available: the sync trigger could not lock the source; call again');
     END;
     RETURN dbops.p2_log(tbl, 'prepare', res);
@@ -1175,7 +1176,7 @@ BEGIN
         RAISE EXCEPTION 'p2_backfill: % is not prepared (run dbops.p2_prepare first)', tbl;
     END IF;
     IF st.step NOT IN ('prepared', 'backfilling') THEN
-        result := jsonb_build_object('status', 'done', 'table', tbl, 'step', st.step, 'rows_done', st.rows_done,
+        result := jsonb_build_object('status', 'done', 'changed', false, 'table', tbl, 'step', st.step, 'rows_done', st.rows_done,
                                      'null_key_rows', st.null_key_rows);
         RETURN;
     END IF;
@@ -1240,7 +1241,8 @@ BEGIN
     END IF;
     SELECT * INTO st FROM dbops.p2_state WHERE table_name = tbl;
     result := jsonb_build_object(
-        'status', CASE WHEN finished THEN 'done' ELSE 'in progress' END, 'table', tbl, 'step', st.step,
+        'status', CASE WHEN finished THEN 'done' ELSE 'in progress' END, 'changed', rows_now > 0 OR finished,
+        'table', tbl, 'step', st.step,
         'rows_done', st.rows_done, 'rows_total', st.rows_total,
         'pct', CASE WHEN coalesce(st.rows_total, 0) > 0
                     THEN round(100.0 * least(st.rows_done, st.rows_total) / st.rows_total, 1) END,
@@ -1289,7 +1291,7 @@ BEGIN
             m ->> 'source_rows', m ->> 'target_rows', res ->> 'target'
             USING DETAIL = (res -> 'mismatches')::text;
     END IF;
-    res := res || jsonb_build_object('status', 'ok');
+    res := res || jsonb_build_object('status', 'ok', 'changed', st.step = 'backfilled');
     UPDATE dbops.p2_state
     SET step = CASE WHEN step = 'backfilled' THEN 'verified' ELSE step END,
         verified_at = now(), verify_result = res, updated_at = now()
@@ -1362,7 +1364,7 @@ DECLARE
 BEGIN
     SELECT * INTO st FROM dbops.p2_state WHERE table_name = tbl FOR UPDATE;
     IF FOUND AND st.step IN ('swapped', 'finalized') THEN
-        RETURN jsonb_build_object('status', 'already swapped', 'table', tbl, 'step', st.step,
+        RETURN jsonb_build_object('status', 'already swapped', 'changed', false, 'table', tbl, 'step', st.step,
                                   'swapped_at', st.swapped_at);
     END IF;
     IF NOT FOUND OR st.step <> 'verified' THEN
@@ -1439,7 +1441,7 @@ BEGIN
     UPDATE dbops.p2_state SET step = 'swapped', swapped_at = now(), user_triggers = utrig, updated_at = now()
     WHERE table_name = tbl;
     RETURN dbops.p2_log(tbl, 'swap', jsonb_build_object(
-        'status', 'swapped', 'table', tbl, 'old_table', st.twin_name,
+        'status', 'swapped', 'changed', true, 'table', tbl, 'old_table', st.twin_name,
         'rows', n_src, 'recount', recount, 'views_repointed', views, 'references', refs,
         'guards', st.guards, 'user_triggers', utrig,
         'lock_wait_ms', round(extract(epoch FROM t_lock - t0)::numeric * 1000, 1),
@@ -1471,7 +1473,7 @@ DECLARE
 BEGIN
     SELECT * INTO st FROM dbops.p2_state WHERE table_name = tbl FOR UPDATE;
     IF NOT FOUND OR st.step IN ('shadow_created', 'prepared', 'backfilling', 'backfilled', 'verified') THEN
-        RETURN jsonb_build_object('status', 'not swapped', 'table', tbl, 'step', coalesce(st.step, 'none'),
+        RETURN jsonb_build_object('status', 'not swapped', 'changed', false, 'table', tbl, 'step', coalesce(st.step, 'none'),
                                   'hint', 'nothing to roll back; dbops.p2_abort(table) drops the shadow');
     END IF;
     IF st.step = 'finalized' THEN
@@ -1527,7 +1529,7 @@ BEGIN
            verified_at = NULL, verify_result = NULL, user_triggers = '[]', updated_at = now()
     WHERE table_name = tbl;
     RETURN dbops.p2_log(tbl, 'rollback', jsonb_build_object(
-        'status', 'rolled back', 'table', tbl, 'partitioned_table_kept_as', st.shadow_name,
+        'status', 'rolled back', 'changed', true, 'table', tbl, 'partitioned_table_kept_as', st.shadow_name,
         'rows', n_old, 'views_repointed', views, 'references', refs,
         'next', 'SELECT dbops.p2_validate_refs();  -- validates the foreign keys re-added NOT VALID',
         'lock_wait_ms', round(extract(epoch FROM t_lock - t0)::numeric * 1000, 1),
@@ -1552,7 +1554,8 @@ DECLARE
 BEGIN
     SELECT * INTO st FROM dbops.p2_state WHERE table_name = tbl;
     IF FOUND AND st.step = 'finalized' THEN
-        RETURN jsonb_build_object('status', 'already finalized', 'table', tbl, 'finalized_at', st.finalized_at);
+        RETURN jsonb_build_object('status', 'already finalized', 'changed', false, 'table', tbl,
+                                  'finalized_at', st.finalized_at);
     END IF;
     IF NOT FOUND OR st.step <> 'swapped' THEN
         RAISE EXCEPTION 'p2_finalize: % is not swapped (step %)', tbl, coalesce(st.step, 'none');
@@ -1578,7 +1581,7 @@ BEGIN
     EXECUTE format('DROP FUNCTION IF EXISTS dbops.%I()', st.rev_function);
     UPDATE dbops.p2_state SET step = 'finalized', finalized_at = now(), updated_at = now() WHERE table_name = tbl;
     RETURN dbops.p2_log(tbl, 'finalize', jsonb_build_object(
-        'status', 'finalized', 'table', tbl, 'dropped', st.twin_name, 'bytes_freed', size_freed,
+        'status', 'finalized', 'changed', true, 'table', tbl, 'dropped', st.twin_name, 'bytes_freed', size_freed,
         'rows', v -> 'target_rows', 'null_key_rows', v -> 'null_key_rows'));
 END
 $$;
@@ -1595,7 +1598,7 @@ DECLARE
 BEGIN
     SELECT * INTO st FROM dbops.p2_state WHERE table_name = tbl FOR UPDATE;
     IF NOT FOUND THEN
-        RETURN jsonb_build_object('status', 'nothing to abort', 'table', tbl);
+        RETURN jsonb_build_object('status', 'nothing to abort', 'changed', false, 'table', tbl);
     END IF;
     IF st.step IN ('swapped', 'finalized') THEN
         RAISE EXCEPTION 'p2_abort: % is %: use dbops.p2_rollback first', tbl, st.step;
@@ -1608,7 +1611,7 @@ BEGIN
     EXECUTE format('DROP FUNCTION IF EXISTS dbops.%I()', st.rev_function);
     DELETE FROM dbops.p2_objects WHERE table_name = tbl;
     DELETE FROM dbops.p2_state WHERE table_name = tbl;
-    RETURN dbops.p2_log(tbl, 'abort', jsonb_build_object('status', 'aborted', 'table', tbl,
+    RETURN dbops.p2_log(tbl, 'abort', jsonb_build_object('status', 'aborted', 'changed', true, 'table', tbl,
                                                          'dropped', st.shadow_name, 'was', st.step));
 END
 $$;
@@ -1748,6 +1751,7 @@ BEGIN
     END LOOP;
     RETURN jsonb_build_object('created', created, 'moved_from_default', moved, 'errors', errors,
                               'tables', checked,
+                              'changed', jsonb_array_length(created) + jsonb_array_length(moved) > 0,
                               'seconds', round(extract(epoch FROM clock_timestamp() - t0)::numeric, 3));
 END
 $$;
@@ -1910,6 +1914,8 @@ BEGIN
         END;
     END LOOP;
     RETURN jsonb_build_object('dropped', dropped, 'deleted', deleted, 'skipped', skipped, 'errors', errors,
+                              'changed', jsonb_array_length(dropped) > 0
+                                         OR EXISTS (SELECT 1 FROM jsonb_each_text(deleted) e WHERE e.value::bigint > 0),
                               'seconds', round(extract(epoch FROM clock_timestamp() - t0)::numeric, 3));
 END
 $$;

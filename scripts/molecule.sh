@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs the Molecule scenarios: `default` (real PostgreSQL in a podman container) when podman works
+# here, and `embedded` (delegated driver, local server) always. Both clean up after themselves.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+export PATH="$repo/.venv/bin:$PATH"
+# The postgres OS user must reach the embedded scenario's data folder.
+export MOLECULE_PG_EMBED_DIR=${MOLECULE_PG_EMBED_DIR:-/var/tmp/scanner-molecule-pg-$(id -u)}
+scenarios=("$@")
+if [ "${#scenarios[@]}" -eq 0 ]; then
+  scenarios=(embedded)
+  if [ "$(id -u)" = 0 ] && command -v podman >/dev/null && command -v debootstrap >/dev/null; then
+    scenarios=(default embedded)
+  else
+    echo "molecule: podman/debootstrap unavailable or not root: running only the 'embedded' scenario" >&2
+  fi
+fi
+for s in "${scenarios[@]}"; do
+  echo "=== molecule test -s $s"
+  start=$(date +%s)
+  molecule test -s "$s"
+  echo "=== molecule $s passed in $(( $(date +%s) - start )) s"
+done

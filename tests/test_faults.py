@@ -1,0 +1,305 @@
+"""Faults during playbooks/phase1.yml on a real PostgreSQL 15: what a busy production database
+and an unlucky operator do to a migration, and that the playbook survives each.
+
+  (a) an INVALID index left by an interrupted build is dropped and rebuilt;
+  (b) a table locked by the application for a few seconds: lock timeouts are retried, the run
+      succeeds and the retries are reported;
+  (c) a lock that never goes away: retries run out, the run stops with a clear message, the
+      database stays usable, the run lock is released, and a re-run completes;
+  (d) two runs at once: a live lease of another run stops the second at once, naming the
+      holder; an expired lease is taken over with a warning;
+  (e) the controller killed mid-build (SIGKILL to the ansible-playbook process group): the
+      killed run's lease stays live, -e run_lock_force=true takes it over (with a warning) and
+      the re-run completes, rebuilding the INVALID index the interrupted build left.
+
+Speed: except for the last re-run of (e), runs use an empty verify_checks_dir (the guide's 20
+read-only checks are exercised by test_playbooks.py) and backup_poll_seconds=1.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import threading
+import time
+
+import pytest
+
+import playbook_runner
+from playbook_runner import db_state, finish, run_playbook, start_playbook
+
+SEED_CALLS = 3000
+PHASE1_VERSIONS = ["001_01", "001_02", "001_03"]
+PENDING_IDX_DEF = ("CREATE INDEX bcfy_calls_raw_pending_idx ON public.bcfy_calls_raw USING btree (started_at) "
+                   "WHERE (processed = false)")
+GIN_IDX_DEF = "CREATE INDEX transcripts_tsv_gin_idx ON public.transcripts USING gin (tsv)"
+
+
+@pytest.fixture(scope="module")
+def fast_vars(tmp_path_factory):
+    empty = tmp_path_factory.mktemp("no_checks")
+    (empty / "001").mkdir()
+    return {"verify_checks_dir": str(empty), "backup_poll_seconds": 1}
+
+
+@pytest.fixture
+def db(make_db):
+    return make_db(baseline=True, seed_calls=SEED_CALLS, cron=True)
+
+
+def invalid_indexes(db) -> list:
+    return [r[0] for r in db.query("SELECT indexrelid::regclass::text FROM pg_index WHERE NOT indisvalid ORDER BY 1")]
+
+
+def index_def(db, name):
+    return db.scalar("SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i "
+                     "WHERE i.indexrelid = to_regclass(%s) AND i.indisvalid AND i.indisready", ("public." + name,))
+
+
+def ledger(db) -> list:
+    return [r[0] for r in db.query("SELECT version FROM dbops.schema_migrations ORDER BY 1")]
+
+
+def run_lock_rows(db) -> list:
+    if not db.scalar("SELECT to_regclass('dbops.run_lock') IS NOT NULL"):
+        return []
+    return db.query("SELECT run_id, holder, expires_at > now() AS live FROM dbops.run_lock")
+
+
+GIN_BUILD = "%CREATE INDEX CONCURRENTLY IF NOT EXISTS transcripts_tsv_gin_idx%"
+
+
+def dbops_backends(db, query_like="%") -> list:
+    """Sessions of the playbook's modules (playbooks/vars/connection.yml sets application_name
+    'scanner-dbops' for all of them) whose current or last statement matches query_like."""
+    return db.query("SELECT pid, state, wait_event_type, query FROM pg_stat_activity "
+                    "WHERE application_name LIKE 'scanner-dbops%%' AND datname = current_database() "
+                    "AND pid <> pg_backend_pid() AND query LIKE %s", (query_like,), superuser=True)
+
+
+def wait_for(pred, timeout=120.0, interval=0.05, what="condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
+
+
+def assert_phase1_complete(db):
+    assert ledger(db) == PHASE1_VERSIONS
+    assert invalid_indexes(db) == []
+    assert index_def(db, "bcfy_calls_raw_pending_idx") == PENDING_IDX_DEF
+    assert index_def(db, "transcripts_tsv_gin_idx") == GIN_IDX_DEF
+    assert db.scalar("SELECT to_regclass('public.transcripts_tsv_idx')") is None
+    assert run_lock_rows(db) == [], "the run lock was not released"
+
+
+class TableLocker(threading.Thread):
+    """Another session that takes `LOCK TABLE <table> IN ACCESS EXCLUSIVE MODE` once the backup of
+    the run is written (earlier, pg_dump and the row counts would simply queue behind it) and
+    holds it until release() is called, or hold_after_migrate seconds after the migration
+    reached the GIN build on transcripts."""
+
+    def __init__(self, db, backup_dir: pathlib.Path, table="transcripts", hold_after_migrate=None):
+        super().__init__(daemon=True)
+        self.db, self.backup_dir, self.table = db, pathlib.Path(backup_dir), table
+        self.hold_after_migrate = hold_after_migrate
+        self.locked = threading.Event()
+        self._release = threading.Event()
+        self.error = None
+        self.held_seconds = 0.0
+        self.saw_migrate = False
+
+    def release(self):
+        self._release.set()
+
+    def run(self):
+        try:
+            wait_for(lambda: list(self.backup_dir.glob("*.manifest.json")), timeout=180, what="the backup")
+            conn = self.db.connect(superuser=True, application_name="dbops-test-app-lock")
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("LOCK TABLE public.%s IN ACCESS EXCLUSIVE MODE" % self.table)
+                t0 = time.monotonic()
+                self.locked.set()
+                if self.hold_after_migrate is not None:
+                    deadline = time.monotonic() + 120
+                    while not self._release.is_set() and time.monotonic() < deadline:
+                        if dbops_backends(self.db, GIN_BUILD):
+                            self.saw_migrate = True
+                            break
+                        time.sleep(0.05)
+                    self._release.wait(self.hold_after_migrate)
+                else:
+                    self._release.wait(300)
+                conn.rollback()
+                self.held_seconds = time.monotonic() - t0
+            finally:
+                conn.close()
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+            self.locked.set()
+
+
+# ---- (a) INVALID index left by an interrupted build ---------------------------------------------------
+def test_invalid_index_is_dropped_and_rebuilt(db, fast_vars):
+    conn = db.connect()
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur, pytest.raises(Exception, match="could not create unique index"):
+            cur.execute("CREATE UNIQUE INDEX CONCURRENTLY bcfy_calls_raw_pending_idx ON bcfy_calls_raw (processed)")
+    finally:
+        conn.close()
+    assert invalid_indexes(db) == ["bcfy_calls_raw_pending_idx"]
+    res = run_playbook(db, "phase1", extra_vars=fast_vars)
+    assert res.ok, res.text
+    assert res.shows("001_01 | index public.bcfy_calls_raw_pending_idx is INVALID (left by an interrupted build): "
+                     "dropping and rebuilding"), res.text
+    assert "Phase 1 Migration Complete! ✓" in res.stdout
+    assert_phase1_complete(db)
+
+
+# ---- (b) lock contention that goes away -----------------------------------------------------------------
+def test_lock_contention_is_retried(db, fast_vars):
+    work = playbook_runner.new_workdir()
+    locker = TableLocker(db, work / "backups", hold_after_migrate=3.0)
+    locker.start()
+    # CREATE INDEX CONCURRENTLY waits up to migrate_concurrent_lock_timeout (5min by default: its
+    # wait does not block the application) before a retry; 1s makes the retries visible here.
+    res = run_playbook(db, "phase1", workdir=work,
+                       extra_vars={**fast_vars, "migrate_concurrent_lock_timeout": "1s", "migrate_lock_timeout": "1s"})
+    locker.release()
+    locker.join(30)
+    assert locker.error is None, locker.error
+    assert locker.saw_migrate and locker.held_seconds >= 3.0, vars(locker)
+    assert res.ok, res.text
+    assert res.shows("001_01 | retry 1 in 0.5s after: [55P03] canceling statement due to lock timeout"), res.text
+    migrate = res.task("Apply pending migrations")
+    retries = {m["version"]: m["retries"] for m in migrate["applied"]}
+    assert retries["001_01"] > 0, retries
+    assert res.shows("%d lock retries" % retries["001_01"])
+    import json
+    (report,) = sorted(res.report_dir.glob("001_*.json"))
+    assert json.loads(report.read_text())["migrations"][0]["retries"] == retries["001_01"]
+    assert_phase1_complete(db)
+
+
+# ---- (c) a lock that never goes away ------------------------------------------------------------------
+def test_lock_retries_exhausted(db, fast_vars):
+    work = playbook_runner.new_workdir()
+    locker = TableLocker(db, work / "backups")
+    locker.start()
+    try:
+        res = run_playbook(db, "phase1", workdir=work, extra_vars={
+            **fast_vars, "migrate_retries": 1, "migrate_lock_timeout": "200ms",
+            "migrate_concurrent_lock_timeout": "200ms"})
+        assert locker.locked.is_set() and locker.error is None, locker.error
+        # The lock is still held when the run ends: it gave up instead of waiting.
+        assert db.scalar("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                         "WHERE a.application_name = 'dbops-test-app-lock' AND l.mode = 'AccessExclusiveLock'") >= 1
+    finally:
+        locker.release()
+        locker.join(30)
+    assert res.rc != 0, res.text
+    msg = res.failure_text
+    for needle in ("Phase 1 stopped", "files/sql/001_01_indexes.sql: statement 5 of 13",
+                   "[55P03] canceling statement due to lock timeout", "The database is usable",
+                   "Fix the cause and re-run", "rollback_phase1.yml"):
+        assert needle in msg, "%r missing:\n%s" % (needle, res.text)
+    assert res.shows("retry 1 in 0.5s")
+    # Usable: the application writes to the table; nothing half-built; the lease is gone.
+    db.query("UPDATE transcripts SET confidence = confidence WHERE id = (SELECT min(id) FROM transcripts)")
+    assert db.scalar("SELECT count(*) FROM transcripts") > 0
+    assert invalid_indexes(db) == []
+    assert run_lock_rows(db) == []
+    assert db.scalar("SELECT count(*) FROM dbops.schema_migrations") == 0
+    # The four bcfy_calls_raw indexes before the failing statement are there; the file resumes.
+    assert index_def(db, "bcfy_calls_raw_tg_started_idx") is not None
+    again = run_playbook(db, "phase1", workdir=work, extra_vars=fast_vars)
+    assert again.ok, again.text
+    assert "Phase 1 Migration Complete! ✓" in again.stdout
+    assert_phase1_complete(db)
+
+
+# ---- (d) two runs at once ---------------------------------------------------------------------------
+def test_run_lock_live_refuses_and_expired_is_taken_over(db, fast_vars):
+    code = playbook_runner.project_code()
+    conn = db.connect()
+    conn.autocommit = True
+    with conn.cursor() as cur:   # the lock table exactly as dbops_run_lock creates it
+        cur.execute(code.dbops_run_lock.DDL.format(schema="dbops"))
+        cur.execute("INSERT INTO dbops.run_lock (run_id, holder, expires_at) "
+                    "VALUES ('other-run-42', 'alice@awx (phase1)', now() + interval '30 min')")
+    conn.close()
+    before = db_state(db)
+    res = run_playbook(db, "phase1", extra_vars=fast_vars)
+    assert res.rc != 0, res.text
+    msg = res.failure_text
+    for needle in ("another migration run holds the lock on this database", "alice@awx (phase1)",
+                   "run other-run-42", "-e run_lock_force=true"):
+        assert needle in msg, "%r missing:\n%s" % (needle, res.text)
+    assert any("activity | Check that no other run holds the migration lock" in f.task for f in res.failures)
+    assert not any("Run pg_dump" in t for t in res.task_names()), "it went on to back up"
+    assert db_state(db) == before
+
+    db.query("UPDATE dbops.run_lock SET expires_at = now() - interval '1 min', renewed_at = now() - interval '31 min'")
+    res = run_playbook(db, "phase1", extra_vars=fast_vars)
+    assert res.ok, res.text
+    warning = [w for w in res.warnings if "took over the migration lock" in w]
+    assert warning and "alice@awx (phase1) (run other-run-42)" in warning[0] and "its lease had expired" in warning[0]
+    assert res.shows("took over the migration lock from alice@awx (phase1)")
+    assert_phase1_complete(db)
+
+
+# ---- (e) controller killed mid-build ---------------------------------------------------------------
+def test_killed_mid_build_then_forced_rerun(db, fast_vars):
+    # The application keeps a write transaction open on transcripts: the GIN build gets its
+    # (INVALID) catalog entry, then waits for that writer to finish.
+    app = db.connect(superuser=True, application_name="dbops-test-app-writer")
+    with app.cursor() as cur:
+        cur.execute("UPDATE transcripts SET confidence = confidence WHERE id = (SELECT min(id) FROM transcripts)")
+    # A dead client is noticed by the server while the build waits (PostgreSQL 14+).
+    db.query('ALTER DATABASE "%s" SET client_connection_check_interval = \'500ms\'' % db.name, superuser=True)
+    try:
+        proc, prep = start_playbook(db, "phase1", extra_vars=fast_vars)
+        try:
+            wait_for(lambda: db.scalar("SELECT NOT indisvalid FROM pg_index "
+                                       "WHERE indexrelid = to_regclass('public.transcripts_tsv_gin_idx')"),
+                     timeout=180, what="the GIN build to start")
+            wait_for(lambda: [b for b in dbops_backends(db, GIN_BUILD) if b[2] == "Lock"], timeout=30,
+                     what="the GIN build to wait for the writer")
+        except AssertionError:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(finish(proc, prep, timeout=30).text)
+        os.killpg(proc.pid, signal.SIGKILL)
+        killed = finish(proc, prep, timeout=30)
+        assert killed.rc == -signal.SIGKILL, killed.text
+        # The server drops the orphaned session; the interrupted build leaves an INVALID index.
+        try:
+            wait_for(lambda: not dbops_backends(db, GIN_BUILD), timeout=15, what="the orphaned migrate session to end")
+        except AssertionError:   # a server without client_connection_check_interval support
+            for pid, *_ in dbops_backends(db, GIN_BUILD):
+                db.query("SELECT pg_terminate_backend(%s)", (pid,), superuser=True)
+            wait_for(lambda: not dbops_backends(db, GIN_BUILD), timeout=15, what="the migrate session to be terminated")
+    finally:
+        app.rollback()
+        app.close()
+        db.query('ALTER DATABASE "%s" RESET client_connection_check_interval' % db.name, superuser=True)
+    assert invalid_indexes(db) == ["transcripts_tsv_gin_idx"]
+    assert db.scalar("SELECT to_regclass('dbops.schema_migrations') IS NOT NULL")
+    assert ledger(db) == []
+    (lease,) = run_lock_rows(db)
+    assert lease[2] is True, "the killed run's lease should still be live: %s" % (lease,)
+    killed_run_id = lease[0]
+
+    res = run_playbook(db, "phase1", extra_vars={"run_lock_force": True})   # full verify this time
+    assert res.ok, res.text
+    warning = [w for w in res.warnings if "took over the migration lock" in w]
+    assert warning and killed_run_id in warning[0] and "forced by the operator" in warning[0], res.warnings
+    assert res.shows("001_01 | index public.transcripts_tsv_gin_idx is INVALID (left by an interrupted build): "
+                     "dropping and rebuilding"), res.text
+    assert "Phase 1 Migration Complete! ✓" in res.stdout
+    assert any("Run each check" in t for t in res.task_names("ok")), "verify's checks did not run"
+    assert_phase1_complete(db)
