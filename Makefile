@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make demo   install, start the embedded PostgreSQL with demo data, run Phase 1 (again: no change)
+#   make demo   install, embedded PostgreSQL + demo data, Phase 1, Phase 2 under the app workload (again: no change)
 #   make test   install, lint, unit + integration tests on a real PostgreSQL, Molecule scenarios
 SHELL := /bin/bash
 .ONESHELL:
@@ -18,10 +18,7 @@ install-test:
 	scripts/install.sh --test
 
 demo: install
-	scripts/pg_embedded.sh start
-	$(VENV)/ansible-playbook playbooks/demo_seed.yml -i inventory/local -e demo_seed_calls=$(DEMO_CALLS)
-	$(VENV)/ansible-playbook playbooks/phase1.yml -i inventory/local
-	echo "Embedded PostgreSQL is still running on 127.0.0.1:$(PG_EMBED_PORT): make demo-stop stops it."
+	DEMO_CALLS=$(DEMO_CALLS) scripts/demo.sh
 
 demo-stop:
 	scripts/pg_embedded.sh stop

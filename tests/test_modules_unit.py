@@ -307,7 +307,7 @@ def test_connect_failure_hides_the_password(monkeypatch):
 
 
 def test_connect_to_a_closed_port_is_a_clean_error():
-    port = playbook_runner_free_port()
+    port = _free_port()
     params = dict(login_host="127.0.0.1", login_port=port, login_user="scan", login_password="Pw-closed-port-7",
                   login_db="scanner", ssl_mode="disable", connect_params={"connect_timeout": 3})
     with pytest.raises(RuntimeError) as err:
@@ -317,7 +317,7 @@ def test_connect_to_a_closed_port_is_a_clean_error():
     assert "Pw-closed-port-7" not in msg and err.value.__cause__ is None
 
 
-def playbook_runner_free_port():
+def _free_port():
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

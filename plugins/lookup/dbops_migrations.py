@@ -6,7 +6,7 @@ DOCUMENTATION = r"""
 name: dbops_migrations
 short_description: Read a phase's migration files (files/sql/NNN_MM_*.sql) and their rollbacks
 description:
-  - Returns one list of dicts (version, name, path, sql, rollback_sql, no_transaction) for the
+  - Returns one list of dicts (version, name, path, sql, rollback_sql) for the
     files C(<sql_dir>/<phase>_*.sql), ordered by file name; C(rollback_sql) comes from
     C(<sql_dir>/rollback/<same file name>) when it exists.
 options:
