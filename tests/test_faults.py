@@ -3,7 +3,7 @@ and an unlucky operator do to a migration, and that the playbook survives each.
 
   (a) an INVALID index left by an interrupted build is dropped and rebuilt;
   (b) a table locked by the application for a few seconds: lock timeouts are retried, the run
-      succeeds and the retries are reported;
+      succeeds and the retries are reported ((a) and (b) share one run);
   (c) a lock that never goes away: retries run out, the run stops with a clear message, the
       database stays usable, the run lock is released, and a re-run completes;
   (d) two runs at once: a live lease of another run stops the second at once, naming the
@@ -143,47 +143,65 @@ class TableLocker(threading.Thread):
             self.locked.set()
 
 
-# ---- (a) INVALID index left by an interrupted build ---------------------------------------------------
-def test_invalid_index_is_dropped_and_rebuilt(db, fast_vars):
-    conn = db.connect()
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur, pytest.raises(Exception, match="could not create unique index"):
-            cur.execute("CREATE UNIQUE INDEX CONCURRENTLY bcfy_calls_raw_pending_idx ON bcfy_calls_raw (processed)")
-    finally:
-        conn.close()
-    assert invalid_indexes(db) == ["bcfy_calls_raw_pending_idx"]
-    res = run_playbook(db, "phase1", extra_vars=fast_vars)
-    assert res.ok, res.text
-    assert res.shows("001_01 | index public.bcfy_calls_raw_pending_idx is INVALID (left by an interrupted build): "
-                     "dropping and rebuilding"), res.text
-    assert "Phase 1 Migration Complete! ✓" in res.stdout
-    assert_phase1_complete(db)
+# ---- (a) + (b): one run on a busy database ---------------------------------------------------------
+class TestBusyDatabase:
+    """One phase1 run (to keep the file fast) facing two independent faults:
+    (a) an INVALID bcfy_calls_raw_pending_idx left by an interrupted build, and
+    (b) the application holding ACCESS EXCLUSIVE on transcripts for ~3 s once the migration
+        reaches the GIN build there. CREATE INDEX CONCURRENTLY waits up to
+        migrate_concurrent_lock_timeout (5min by default: its wait does not block the
+        application) before a retry; 1s makes the retries visible here."""
 
+    @pytest.fixture(scope="class")
+    def busy(self, pg_server, fast_vars):
+        db = playbook_runner.create_db(pg_server, baseline=True, seed_calls=SEED_CALLS, cron=True)
+        try:
+            conn = db.connect()
+            conn.autocommit = True
+            try:
+                with conn.cursor() as cur, pytest.raises(Exception, match="could not create unique index"):
+                    cur.execute("CREATE UNIQUE INDEX CONCURRENTLY bcfy_calls_raw_pending_idx "
+                                "ON bcfy_calls_raw (processed)")
+            finally:
+                conn.close()
+            invalid_before = invalid_indexes(db)
+            work = playbook_runner.new_workdir()
+            locker = TableLocker(db, work / "backups", hold_after_migrate=3.0)
+            locker.start()
+            res = run_playbook(db, "phase1", workdir=work, extra_vars={
+                **fast_vars, "migrate_concurrent_lock_timeout": "1s", "migrate_lock_timeout": "1s"})
+            locker.release()
+            locker.join(30)
+            yield dict(db=db, res=res, locker=locker, invalid_before=invalid_before)
+        finally:
+            playbook_runner.drop_db(pg_server, db.name)
 
-# ---- (b) lock contention that goes away -----------------------------------------------------------------
-def test_lock_contention_is_retried(db, fast_vars):
-    work = playbook_runner.new_workdir()
-    locker = TableLocker(db, work / "backups", hold_after_migrate=3.0)
-    locker.start()
-    # CREATE INDEX CONCURRENTLY waits up to migrate_concurrent_lock_timeout (5min by default: its
-    # wait does not block the application) before a retry; 1s makes the retries visible here.
-    res = run_playbook(db, "phase1", workdir=work,
-                       extra_vars={**fast_vars, "migrate_concurrent_lock_timeout": "1s", "migrate_lock_timeout": "1s"})
-    locker.release()
-    locker.join(30)
-    assert locker.error is None, locker.error
-    assert locker.saw_migrate and locker.held_seconds >= 3.0, vars(locker)
-    assert res.ok, res.text
-    assert res.shows("001_01 | retry 1 in 0.5s after: [55P03] canceling statement due to lock timeout"), res.text
-    migrate = res.task("Apply pending migrations")
-    retries = {m["version"]: m["retries"] for m in migrate["applied"]}
-    assert retries["001_01"] > 0, retries
-    assert res.shows("%d lock retries" % retries["001_01"])
-    import json
-    (report,) = sorted(res.report_dir.glob("001_*.json"))
-    assert json.loads(report.read_text())["migrations"][0]["retries"] == retries["001_01"]
-    assert_phase1_complete(db)
+    def test_run_succeeds(self, busy):
+        res = busy["res"]
+        assert res.ok, res.text
+        assert "Phase 1 Migration Complete! ✓" in res.stdout
+        assert_phase1_complete(busy["db"])
+
+    def test_invalid_index_is_dropped_and_rebuilt(self, busy):
+        res = busy["res"]
+        assert busy["invalid_before"] == ["bcfy_calls_raw_pending_idx"]
+        assert res.shows("001_01 | index public.bcfy_calls_raw_pending_idx is INVALID (left by an interrupted build): "
+                         "dropping and rebuilding"), res.text
+        assert invalid_indexes(busy["db"]) == []
+        assert index_def(busy["db"], "bcfy_calls_raw_pending_idx") == PENDING_IDX_DEF
+
+    def test_lock_contention_is_retried(self, busy):
+        res, locker = busy["res"], busy["locker"]
+        assert locker.error is None, locker.error
+        assert locker.saw_migrate and locker.held_seconds >= 3.0, vars(locker)
+        assert res.ok, res.text
+        assert res.shows("001_01 | retry 1 in 0.5s after: [55P03] canceling statement due to lock timeout"), res.text
+        retries = {m["version"]: m["retries"] for m in res.task("Apply pending migrations")["applied"]}
+        assert retries["001_01"] > 0, retries
+        assert res.shows("%d lock retries" % retries["001_01"])
+        import json
+        (report,) = sorted(res.report_dir.glob("001_*.json"))
+        assert json.loads(report.read_text())["migrations"][0]["retries"] == retries["001_01"]
 
 
 # ---- (c) a lock that never goes away ------------------------------------------------------------------

@@ -112,3 +112,52 @@ def test_phase2_online_story(cron_db, tmp_path):
         assert check["ok"], (name, check)
     # the restored reference is a real, validated foreign key again
     assert db.scalar("SELECT convalidated FROM pg_constraint WHERE conname = 'transcripts_call_fk'") is True
+
+
+def test_phase2_killed_during_backfill_then_resumed(cron_db, tmp_path):
+    """SIGKILL the playbook while a table is backfilling (the application keeps writing); the next
+    run (taking over the dead run's lease) continues to a correct end: counts and checksums verified,
+    every committed row present, no INVALID index, no failed application statement."""
+    import os
+    import signal
+    import time
+
+    from playbook_runner import finish, start_playbook
+
+    db = cron_db
+    if db.scalar("SELECT relkind::text FROM pg_class WHERE oid = 'public.bcfy_calls_raw'::regclass") == "p":
+        run_playbook(db, "rollback_phase2", extra_vars=FAST, timeout=600)
+    # step 0 first: the ingester's new unique key must exist before the workload uses it
+    prep_res = run_playbook(db, "phase2_prepare", timeout=600)
+    assert prep_res.ok, prep_res.text
+    keys = tmp_path / "kill.jsonl"
+    wl = workload.Workload(conn_kwargs(db), rate=150, upsert="call_uid_started_at", keys_path=str(keys),
+                           max_duration=900)
+    wl.start()
+    try:
+        slow = {**FAST, "partition_batch_rows": 200, "partition_round_seconds": 1}
+        proc, prep = start_playbook(db, "phase2", extra_vars=slow)
+        deadline = time.time() + 300
+        killed_at = None
+        while time.time() < deadline and proc.poll() is None:
+            rows = db.query("SELECT table_name, step, rows_done FROM dbops.p2_state") \
+                if db.scalar("SELECT to_regclass('dbops.p2_state') IS NOT NULL") else []
+            busy = [r for r in rows if r[1] == "backfilling" and r[2] > 0]
+            if busy:
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed_at = busy[0]
+                break
+            time.sleep(0.2)
+        proc.wait(timeout=30)
+        finish(proc, prep, timeout=30)
+        assert killed_at, "the playbook finished before it could be killed mid-backfill"
+        res = run_playbook(db, "phase2", extra_vars={**FAST, "run_lock_force": "true"}, timeout=900)
+    finally:
+        s = wl.stop()
+    assert res.ok, res.text
+    assert s["failed"] == 0, s["failures"][:5]
+    check = workload.check_keys(conn_kwargs(db), str(keys))
+    assert check["ok"], check
+    for t in ("bcfy_calls_raw", "transcripts", "api_call_metrics", "system_logs"):
+        assert db.scalar("SELECT step FROM dbops.p2_status() WHERE table_name = %s", (t,)) == "swapped", t
+    assert db.scalar("SELECT count(*) FROM pg_index WHERE NOT indisvalid") == 0
