@@ -29,7 +29,8 @@ lint: install-test
 	$(VENV)/squawk files/sql/0*.sql files/sql/rollback/*.sql
 
 unit: install-test
-	$(VENV)/pytest
+	mkdir -p .cache
+	$(VENV)/pytest --junitxml=.cache/pytest-junit.xml
 
 molecule: install-test
 	scripts/molecule.sh
@@ -38,6 +39,7 @@ test: install-test
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory unit
 	$(MAKE) --no-print-directory molecule
+	$(VENV)/python scripts/test_summary.py .cache/pytest-junit.xml
 
 clean:
 	scripts/pg_embedded.sh destroy || true

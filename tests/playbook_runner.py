@@ -168,14 +168,17 @@ class Result:
         return "\n".join([self.stdout, self.stderr, "\n".join(self.messages), self.failure_text,
                           "\n".join(self.warnings)])
 
+    @property
+    def screen(self) -> str:
+        """stdout + stderr with every whitespace run as one space: the default callback prints
+        results as YAML and folds long strings over several lines."""
+        return " ".join((self.stdout + "\n" + self.stderr).split())
+
     def shows(self, needle: str) -> bool:
-        """Did the operator's screen (stdout/stderr) show needle? The default callback prints
-        results as YAML and folds long strings over several lines, so whitespace runs are
-        compared as one space (and YAML's '' for a quote inside '...' as ')."""
-        def norm(text):
-            return " ".join(text.split())
-        screen = norm(self.stdout + "\n" + self.stderr)
-        return norm(needle) in screen or norm(needle) in screen.replace("''", "'")
+        """Did the operator's screen (stdout/stderr) show needle (whitespace-insensitive, and
+        YAML's '' for a quote inside '...' read as ')?"""
+        norm = " ".join(needle.split())
+        return norm in self.screen or norm in self.screen.replace("''", "'")
 
     def task(self, name_part: str, status: str | None = None) -> dict | None:
         """The (last) result of the task whose name contains name_part."""

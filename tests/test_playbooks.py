@@ -126,9 +126,9 @@ def test_phase1_applies(env):
                    "All indexes created successfully", "✓ Validated constraint transcripts_confidence_check",
                    "All CHECK constraints validated successfully", "Monitoring views created successfully",
                    "Phase 1 Migration Complete! ✓"]:
-        assert needle in res.stdout, "%r not shown:\n%s" % (needle, res.text)
+        assert res.shows(needle), "%r not shown:\n%s" % (needle, res.text)
     assert re.search(r"Applied: 001_01_indexes \(\d+ ms, 13 statements, 0 lock retries\), 001_02_check_constraints",
-                     res.stdout), res.text
+                     res.screen), res.text
     db = env["db"]
     for name in PHASE1_INDEXES:
         assert index_valid(db, name) is True, name
@@ -161,7 +161,7 @@ def test_backup_is_proven(env):
     assert int(manifest["toc_entries"]) == len(toc)
     # Taken before the DDL: the dump holds the baseline btree on tsv and none of the new indexes.
     assert "transcripts_tsv_idx" in listing.stdout and "transcripts_tsv_gin_idx" not in listing.stdout
-    assert "Backup %s" % dump in res.stdout
+    assert res.shows("Backup %s" % dump)
     assert not list(pathlib.Path(env["workdir"]).rglob("*.pgpass")), "the temporary PGPASSFILE was left behind"
 
 
@@ -183,7 +183,7 @@ def test_report_written(env):
     assert int(data["checks_run"]) > 0
     md = report.with_suffix(".md").read_text()
     assert "| 001_01 | indexes | statement-by-statement |" in md and data["run_id"] in md
-    assert str(report.with_suffix(".md")) in res.stdout
+    assert res.shows(str(report.with_suffix(".md")))
 
 
 def test_ledger_rows(env):
@@ -200,7 +200,7 @@ def test_ledger_rows(env):
         assert execution == ("transaction" if version == "001_03" else "statement-by-statement")
         assert applied_by.endswith("(db role scan)") and "@" in applied_by, applied_by
         assert duration_ms >= 0 and row_run_id == run_id and applied_at is not None
-    assert run_id in res.stdout
+    assert res.shows(run_id)
 
 
 # ---- idempotence ------------------------------------------------------------------------------------
@@ -212,8 +212,8 @@ def test_second_run_changes_nothing(env):
     assert res.ok, res.text
     assert res.changed == 0, "a second run reported changes:\n" + res.text
     assert backups(env) == before_backups, "a second run took a backup"
-    assert "Nothing to apply: phase 001 is already applied." in res.stdout
-    assert "nothing pending: already applied" in res.stdout
+    assert res.shows("Nothing to apply: phase 001 is already applied.")
+    assert res.shows("nothing pending: already applied")
     assert db_state(env["db"]) == state
     data = json.loads(reports(env, "001")[-1].read_text())
     assert data["migrations"] == [] and data["backup"] is None and data["pending_before"] == []
@@ -226,7 +226,7 @@ def test_rollback_restores_the_baseline(env):
     res = run_stage(env, "rollback", "rollback_phase1")
     assert res.ok, res.text
     assert res.changed > 0, res.text
-    assert "Rolled back: 001_03_monitoring" in res.stdout and "Phase 1 indexes removed; transcripts_tsv_idx restored" in res.stdout
+    assert res.shows("Rolled back: 001_03_monitoring") and res.shows("Phase 1 indexes removed; transcripts_tsv_idx restored")
     assert all(index_valid(db, i) is None for i in PHASE1_INDEXES)
     assert index_valid(db, "transcripts_tsv_idx") is True
     assert db.scalar("SELECT count(*) FROM pg_constraint WHERE conname = ANY(%s)", (PHASE1_CONSTRAINTS,)) == 0
@@ -250,7 +250,7 @@ def test_second_rollback_changes_nothing(env):
     res = run_stage(env, "rollback_again", "rollback_phase1")
     assert res.ok, res.text
     assert res.changed == 0, res.text
-    assert "Nothing to roll back: phase 001 is not applied." in res.stdout
+    assert res.shows("Nothing to roll back: phase 001 is not applied.")
     assert db_state(env["db"]) == state
 
 
@@ -264,7 +264,7 @@ def test_phase1_after_rollback_with_a_special_password(env):
     res = run_playbook(login, "phase1", workdir=env["workdir"])
     STAGES["phase1_after_rollback"] = res
     assert res.ok, res.text
-    assert res.changed > 0 and "Phase 1 Migration Complete! ✓" in res.stdout
+    assert res.changed > 0 and res.shows("Phase 1 Migration Complete! ✓")
     assert len(backups(env)) == n_backups + 1, "no new backup (pg_dump could not log in?)"
     for name in PHASE1_INDEXES:
         assert index_valid(db, name) is True, name
