@@ -102,8 +102,49 @@ class CallbackModule(CallbackBase):
 '''
 
 
+def _descendants(pid: int) -> list:
+    """All descendants of pid, from /proc (Ansible's forked workers call setsid(), so killing the
+    playbook's process group misses them and they would outlive a killed run)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(pid: int):
+    """SIGKILL a started playbook, its process group and every descendant (workers included)."""
+    victims = _descendants(pid)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for victim in victims:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+_STARTED: list = []
+
+
 @atexit.register
 def _cleanup():  # pragma: no cover - process exit
+    for proc in _STARTED:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
     for d in _WORKDIRS:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -355,11 +396,12 @@ def prepare(db, playbook: str, extra_vars=None, check=False, inventory_vars=None
 def start_playbook(db, playbook: str, **kw):
     """Start a playbook in its own process group; returns (Popen, Prepared).
 
-    Kill it with os.killpg(proc.pid, signal.SIGKILL); or wait and call finish()."""
+    Kill it with kill_tree(proc.pid) (workers included); or wait and call finish()."""
     prep = prepare(db, playbook, **kw)
     proc = subprocess.Popen(prep.cmd, cwd=REPO, env=prep.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     proc.started_at = time.monotonic()
+    _STARTED.append(proc)
     return proc, prep
 
 
@@ -368,7 +410,7 @@ def finish(proc, prep: Prepared, timeout: float = 300) -> Result:
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, err = proc.communicate()
         err += "\n[playbook_runner] killed after %ss timeout" % timeout
     res = Result(rc=proc.returncode, stdout=out or "", stderr=err or "", cmd=prep.cmd,

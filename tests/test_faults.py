@@ -27,7 +27,7 @@ import time
 import pytest
 
 import playbook_runner
-from playbook_runner import db_state, finish, run_playbook, start_playbook
+from playbook_runner import db_state, finish, kill_tree, run_playbook, start_playbook
 
 SEED_CALLS = 3000
 PHASE1_VERSIONS = ["001_01", "001_02", "001_03"]
@@ -293,9 +293,9 @@ def test_killed_mid_build_then_forced_rerun(db, fast_vars):
             (orphan,) = wait_for(lambda: [b for b in dbops_backends(db, GIN_BUILD) if b[2] == "Lock"], timeout=30,
                                  what="the GIN build to wait for the writer")
         except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             raise AssertionError(finish(proc, prep, timeout=30).text)
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         killed = finish(proc, prep, timeout=30)
         assert killed.rc == -signal.SIGKILL, killed.text
         # The module died with the process group, but its server session keeps waiting for the

@@ -122,7 +122,7 @@ def test_phase2_killed_during_backfill_then_resumed(cron_db, tmp_path):
     import signal
     import time
 
-    from playbook_runner import finish, start_playbook
+    from playbook_runner import finish, kill_tree, start_playbook
 
     db = cron_db
     if db.scalar("SELECT relkind::text FROM pg_class WHERE oid = 'public.bcfy_calls_raw'::regclass") == "p":
@@ -144,7 +144,7 @@ def test_phase2_killed_during_backfill_then_resumed(cron_db, tmp_path):
                 if db.scalar("SELECT to_regclass('dbops.p2_state') IS NOT NULL") else []
             busy = [r for r in rows if r[1] == "backfilling" and r[2] > 0]
             if busy:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)
                 killed_at = busy[0]
                 break
             time.sleep(0.2)
