@@ -52,6 +52,8 @@ def connect(params: dict, application_name: str):
     if params.get("ssl_key"):
         kw["sslkey"] = params["ssl_key"]
     kw.update(params.get("connect_params") or {})
+    # Our sessions keep their own name (visible in pg_stat_activity), whatever connect_params says.
+    kw["application_name"] = application_name
     try:
         conn = psycopg2.connect(**kw)
     except psycopg2.Error as exc:
