@@ -40,7 +40,7 @@ GUIDE2 = sorted([*(REPO / "files" / "sql" / "checks" / "002").glob("*.sql"),
                  *(REPO / "tests" / "guide_queries" / "phase2").glob("*.sql")], key=lambda p: p.name)
 NO_TX_MARKER = "-- dbops:no-transaction"
 PSQL = next((p for p in ("/usr/lib/postgresql/15/bin/psql", shutil.which("psql")) if p and os.path.exists(p)), None)
-SQUAWK = next((p for p in ("/tmp/venvtest/bin/squawk", shutil.which("squawk")) if p and os.path.exists(p)), None)
+SQUAWK = next((p for p in (str(REPO / ".venv" / "bin" / "squawk"), shutil.which("squawk")) if p and os.path.exists(p)), None)
 TABLES = ["bcfy_calls_raw", "transcripts", "api_call_metrics", "system_logs"]
 
 pytestmark = pytest.mark.skipif(PSQL is None, reason="psql not installed")
@@ -386,7 +386,8 @@ def test_files_and_rollbacks_pair():
 
 @pytest.mark.skipif(SQUAWK is None, reason="squawk not installed")
 def test_squawk_clean():
-    r = subprocess.run([SQUAWK, *map(str, PHASE2 + ROLLBACK2)], capture_output=True, text=True)
+    # from the repo root, where .squawk.toml is
+    r = subprocess.run([SQUAWK, *map(str, PHASE2 + ROLLBACK2)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
