@@ -59,7 +59,8 @@ sys.exit(0 if v == sys.argv[2] else 1)
 PY
 }
 need_collections() {
-  have_version community postgresql 4.2.0 && have_version containers podman 1.18.0 && return 1
+  have_version community postgresql 4.2.0 && have_version containers podman 1.18.0 \
+    && have_version awx awx 24.6.1 && return 1
   return 0
 }
 if need_collections; then
@@ -76,10 +77,11 @@ if need_collections; then
 import zipfile
 with zipfile.ZipFile(".cache/wheel/ansible-12.3.0-py3-none-any.whl") as z:
     names = [n for n in z.namelist()
-             if n.startswith(("ansible_collections/community/postgresql/", "ansible_collections/containers/podman/"))]
+             if n.startswith(("ansible_collections/community/postgresql/", "ansible_collections/containers/podman/",
+                              "ansible_collections/awx/awx/"))]
     z.extractall(".cache/wheel/x", names)
 PY
-    for c in community/postgresql containers/podman; do
+    for c in community/postgresql containers/podman awx/awx; do
       rm -rf "$coll_dir/$c"; mkdir -p "$coll_dir/$(dirname "$c")"
       cp -a ".cache/wheel/x/ansible_collections/$c" "$coll_dir/$c"
     done
@@ -87,4 +89,4 @@ PY
     need_collections && { echo "collections: pinned versions not installed" >&2; exit 1; }
   fi
 fi
-log "ready: $(.venv/bin/ansible --version | head -1), community.postgresql 4.2.0, containers.podman 1.18.0"
+log "ready: $(.venv/bin/ansible --version | head -1), community.postgresql 4.2.0, containers.podman 1.18.0, awx.awx 24.6.1"
