@@ -1,0 +1,2 @@
+-- Guide 3.2 Verify New Features: playlist sync health.
+SELECT * FROM monitoring.playlist_sync_health;

@@ -1,0 +1,2 @@
+-- Guide Monitoring Queries: pipeline status.
+SELECT * FROM monitoring.processing_pipeline_status;

@@ -1,0 +1,2 @@
+-- Guide Monitoring Queries: pipeline status.
+SELECT * FROM monitoring.playlist_sync_health WHERE sync_error_count > 0;

@@ -1,0 +1,2 @@
+-- Guide Monitoring Queries: performance.
+SELECT * FROM monitoring.slow_queries LIMIT 20;

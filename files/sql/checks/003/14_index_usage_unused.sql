@@ -1,0 +1,2 @@
+-- Guide Monitoring Queries: performance.
+SELECT * FROM monitoring.index_usage WHERE usage_status = 'UNUSED';
