@@ -270,3 +270,29 @@ def test_no_password_literal_in_awx_folder(awx_objects):
     text = "\n".join(f.read_text() for f in files if f.is_file())
     for literal in ("molecule-scan-test-only", "example-vault-password", "PGPASSWORD="):
         assert literal not in text
+
+
+# ---------------------------------------------------------------- fleet example inventory
+
+def test_fleet_example_inventory_has_one_host_per_database_and_vaulted_passwords(tmp_path):
+    vault_pw = tmp_path / "vault-pass"
+    vault_pw.write_text("example-vault-password-change-me\n")
+    env = _offline_env()
+    res = subprocess.run(
+        [str(VENV_BIN / "ansible"), "scanner_db", "-i", str(REPO / "inventory" / "fleet-example"),
+         "--vault-password-file", str(vault_pw), "-m", "ansible.builtin.debug",
+         "-a", "msg={{ [scanner_db_host, scanner_db_name, scanner_db_password | length > 0, report_dir] | to_json }}",
+         "-o"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = {}
+    for line in res.stdout.splitlines():
+        host, _, rest = line.partition(" | SUCCESS => ")
+        rows[host.strip()] = json.loads(json.loads(rest)["msg"])
+    assert set(rows) == {"scanner-east", "scanner-west", "scanner-eu"}, res.stdout
+    assert len({r[0] for r in rows.values()}) == 3  # one endpoint per database
+    assert all(r[2] for r in rows.values())          # every host has a (vaulted) password
+    assert all(r[3].endswith("/reports/" + h) for h, r in rows.items())  # one report folder per host
+    for f in (REPO / "inventory" / "fleet-example").rglob("*.yml"):
+        text = f.read_text()
+        assert "placeholder-" not in text, f  # the example passwords exist only encrypted
