@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the project needs, idempotently:
 #   scripts/install.sh          OS packages for the demo, .venv, collections
-#   scripts/install.sh --test   also what the test suite needs (podman, runc, debootstrap)
+#   scripts/install.sh --test   also what the test suite needs (podman, runc, debootstrap, chromium)
 # OS packages are installed only when running as root with apt-get available; otherwise the
 # script says what is missing. Galaxy is tried first for collections; when it does not answer,
 # the same pinned versions are taken from the `ansible` wheel on PyPI (it bundles them).
@@ -15,7 +15,7 @@ log() { printf '\033[1m[install]\033[0m %s\n' "$*"; }
 
 # ---- 1. OS packages ------------------------------------------------------------------------
 pkgs=(postgresql-15 postgresql-client-15 postgresql-15-cron)
-[ "$want_test" = 1 ] && pkgs+=(podman runc netavark debootstrap)
+[ "$want_test" = 1 ] && pkgs+=(podman runc netavark debootstrap chromium fonts-dejavu-core)  # chromium + a font: tests/test_report_html.py
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
