@@ -31,6 +31,20 @@ BEGIN
         RAISE NOTICE 'Phase 3 columns kept (the application may write them): %', coalesce(kept, 'none');
         RETURN;
     END IF;
+    -- A Phase 2 conversion prepared after Phase 3 copies these columns in its generated sync
+    -- functions (fixed column lists): dropping them would break every write until finalize.
+    IF to_regclass('dbops.p2_state') IS NOT NULL THEN
+        SELECT string_agg(format('%s (%s)', s.table_name, s.step), ', ') INTO kept
+        FROM dbops.p2_state AS s
+        WHERE s.step <> 'finalized'
+          AND EXISTS (SELECT 1 FROM dbops.p3_added_columns AS a
+                      WHERE a.table_name IN (s.table_name, s.twin_name, s.shadow_name)
+                        AND (a.column_name = ANY(s.all_cols) OR a.column_name = ANY(s.ins_cols)));
+        IF kept IS NOT NULL THEN
+            RAISE EXCEPTION 'Phase 3 columns not dropped: Phase 2 conversion(s) not finalized copy them: %', kept
+                USING HINT = 'Finalize Phase 2 (playbooks/finalize_phase2.yml) first, or roll back without rollback_phase3_drop_columns.';
+        END IF;
+    END IF;
     FOR r IN
         SELECT a.table_name, array_agg(a.column_name ORDER BY a.column_name) AS cols
         FROM dbops.p3_added_columns AS a
