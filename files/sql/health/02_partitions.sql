@@ -98,7 +98,7 @@ SELECT jsonb_build_array(
         'severity', CASE WHEN count(*) > 0 THEN 'critical' ELSE 'ok' END,
         'summary', CASE WHEN count(*) = 0
             THEN 'every interval from the first partition to now is covered: ' || (SELECT txt FROM scope)
-            ELSE count(*) || ' interval(s) without a partition (their rows go to DEFAULT), first: '
+            ELSE (SELECT count(*) FROM gaps) || ' interval(s) without a partition (their rows go to DEFAULT), first: '
                  || (array_agg(g.table_name || ' ' || g.bucket_start::date || ' .. ' || g.bucket_end::date
                                ORDER BY g.table_name, g.bucket_start))[1]
         END,
@@ -109,7 +109,7 @@ SELECT jsonb_build_array(
         'severity', CASE WHEN bool_or(f.is_current) THEN 'critical' WHEN count(*) > 0 THEN 'warning' ELSE 'ok' END,
         'summary', CASE WHEN count(*) = 0
             THEN 'current and premade future partitions present for ' || (SELECT count(*) FROM pol) || ' table(s)'
-            ELSE count(*) || ' current/future interval(s) without a partition'
+            ELSE (SELECT count(*) FROM future) || ' current/future interval(s) without a partition'
                  || CASE WHEN bool_or(f.is_current) THEN ' (including the CURRENT one: new rows go to DEFAULT)' ELSE '' END
                  || ', first: ' || (array_agg(f.table_name || ' ' || f.bucket_start::date ORDER BY f.bucket_start))[1]
                  || ': run maintain_partitions()'

@@ -106,7 +106,7 @@ def perf_compare(current, baseline, tests, catalog):
         gin_used = any(s["index"] in gins for s in plan["index_scans"])
         cur_ms = cur["median_ms"]
         base_ms = b["median_ms"] if b else None
-        speedup = round(base_ms / cur_ms, 2) if base_ms and cur_ms > 0 else None
+        speedup = float("%.3g" % (base_ms / cur_ms)) if base_ms and cur_ms > 0 else None  # 3 significant digits
         target = test.get("target_ms")
         met_target = (cur_ms < target) if target else None
         lo, hi = test.get("speedup_min"), test.get("speedup_max")
