@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the Molecule scenarios: `default` (real PostgreSQL in a podman container) when podman works
-# here, and `embedded` (delegated driver, local server) always. Both clean up after themselves.
+# Runs the Molecule scenarios: `default` (real PostgreSQL in a podman container) and `fleet` (two
+# containers, one run) when podman works here, and `embedded` (delegated driver, local server) always.
+# All clean up after themselves.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -11,7 +12,7 @@ scenarios=("$@")
 if [ "${#scenarios[@]}" -eq 0 ]; then
   scenarios=(embedded)
   if [ "$(id -u)" = 0 ] && command -v podman >/dev/null && command -v debootstrap >/dev/null; then
-    scenarios=(default embedded)
+    scenarios=(default fleet embedded)
   else
     echo "molecule: podman/debootstrap unavailable or not root: running only the 'embedded' scenario" >&2
   fi
