@@ -446,7 +446,7 @@ def project_code():
     """The project's module_utils and modules, imported the way Ansible would see them.
 
     Returns a namespace with dbops_sql, dbops_pg (registered as ansible.module_utils.dbops_*),
-    dbops_migrate and dbops_run_lock (the module files)."""
+    dbops_migrate, dbops_run_lock and dbops_step (the module files)."""
     import types
 
     import ansible.module_utils as amu
@@ -457,7 +457,9 @@ def project_code():
     mods = REPO / "plugins" / "modules"
     migrate = _load("dbops_test_dbops_migrate", mods / "dbops_migrate.py")
     run_lock = _load("dbops_test_dbops_run_lock", mods / "dbops_run_lock.py")
-    return types.SimpleNamespace(dbops_sql=sql, dbops_pg=pg, dbops_migrate=migrate, dbops_run_lock=run_lock)
+    step = _load("dbops_test_dbops_step", mods / "dbops_step.py")
+    return types.SimpleNamespace(dbops_sql=sql, dbops_pg=pg, dbops_migrate=migrate, dbops_run_lock=run_lock,
+                                 dbops_step=step)
 
 
 def lookup_migrations(phase: str = "001", sql_dir=None):

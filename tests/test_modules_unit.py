@@ -456,3 +456,32 @@ def test_run_lock_refusal_names_holder_and_how_to_override():
     text = CODE.dbops_run_lock.refusal(dict(holder="alice@laptop (phase1)", run_id="R-1", acquired_at="a",
                                             renewed_at="b", expires_at="c"))
     assert "alice@laptop (phase1)" in text and "R-1" in text and "run_lock_force=true" in text
+
+
+def test_dbops_step_tells_a_lost_connection_from_an_sql_error(baseline_db):
+    """reconnect=true re-runs a step only when the session is gone, never after an SQL error."""
+    import psycopg2
+
+    step = playbook_runner.project_code().dbops_step
+    conn = baseline_db.connect()
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1/0")
+    except psycopg2.Error as exc:
+        assert not step.connection_lost(conn, exc), "division by zero in a live session is not a lost connection"
+    su = baseline_db.connect(superuser=True)
+    su.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        pid = cur.fetchone()[0]
+    with su.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    su.close()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+        raise AssertionError("the terminated session still answered")
+    except psycopg2.Error as exc:
+        assert step.connection_lost(conn, exc), (type(exc), getattr(exc, "pgcode", None))
+    conn.close()

@@ -278,3 +278,33 @@ def test_phase1_after_rollback_with_a_special_password(env):
     for path in list((pathlib.Path(env["workdir"]) / "reports").iterdir()) + list(
             (pathlib.Path(env["workdir"]) / "backups").glob("*.json")):
         assert SPECIAL_PASSWORD not in path.read_text(), path
+
+
+def test_verify_detects_rows_lost_during_the_phase(make_db, tmp_path):
+    """The verify role compares with the snapshot taken BEFORE the change (the callers pass it as a
+    lazy template; the role freezes it before counting again): rows deleted in between are caught."""
+    db = make_db(seed_calls=300)
+    pb = tmp_path / "lose_rows.yml"
+    pb.write_text(f"""---
+- name: Snapshot, lose rows, verify
+  hosts: scanner_db
+  gather_facts: false
+  vars_files: [{playbook_runner.REPO}/playbooks/vars/connection.yml]
+  module_defaults:
+    group/community.postgresql.all: "{{{{ scanner_db_login }}}}"
+  tasks:
+    - name: Snapshot
+      ansible.builtin.include_role: {{name: verify, tasks_from: snapshot}}
+      vars: {{verify_phase: "001"}}
+    - name: Lose rows
+      community.postgresql.postgresql_query:
+        query: DELETE FROM system_logs WHERE id IN (SELECT id FROM system_logs ORDER BY id LIMIT 7)
+    - name: Verify
+      ansible.builtin.include_role: {{name: verify, tasks_from: counts}}
+      vars:
+        verify_phase: "001"
+        verify_before: "{{{{ verify_snapshot }}}}"
+""")
+    res = run_playbook(db, str(pb))
+    assert res.rc != 0, res.text
+    assert "Table system_logs lost rows" in res.failure_text, res.text

@@ -24,6 +24,14 @@ options:
   statement_timeout: {type: str, default: "0"}
   retries: {type: int, default: 8}
   retry_delay: {type: float, default: 0.5}
+  reconnect:
+    type: bool
+    default: false
+    description:
+      - When the connection is lost during the step (server restart or failover, pg_terminate_backend,
+        a network cut), open a new connection and run the step again, within the same C(retries) budget.
+      - Only for idempotent steps (every C(dbops.p2_*) step is: a step whose effect was committed before
+        the cut answers "already ..." on the second call). A cut before COMMIT rolled the attempt back.
   unchanged_statuses:
     type: list
     elements: str
@@ -34,7 +42,8 @@ options:
 RETURN = r"""
 result: {description: the step's return value (decoded json), type: raw}
 notices: {description: PostgreSQL notices raised during the step, type: list}
-attempts: {description: how many times the step ran (1 = no retry), type: int}
+attempts: {description: how many times the step ran on its last connection (1 = no retry), type: int}
+reconnects: {description: how many times the connection was reopened (reconnect=true), type: int}
 """
 
 import json
@@ -48,6 +57,20 @@ try:
     import psycopg2
 except ImportError:  # pragma: no cover
     pass
+
+
+def connection_lost(conn, exc) -> bool:
+    """True when exc means the session is gone (not an SQL error inside a live session)."""
+    code = getattr(exc, "pgcode", None) or ""
+    return bool(conn.closed) or code.startswith("08") or code in ("57P01", "57P02", "57P03") \
+        or isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)) and not code
+
+
+def drain(conn) -> list:
+    try:
+        return conn.notices.drain()
+    except Exception:  # pylint: disable=broad-except
+        return []
 
 
 def decide_changed(result, unchanged_statuses):
@@ -70,6 +93,7 @@ def main():
         statement_timeout=dict(type="str", default="0"),
         retries=dict(type="int", default=8),
         retry_delay=dict(type="float", default=0.5),
+        reconnect=dict(type="bool", default=False),
         unchanged_statuses=dict(type="list", elements="str",
                                 default=["noop", "already done", "already swapped", "already prepared",
                                          "already verified", "already finalized", "not swapped", "nothing to do",
@@ -88,9 +112,10 @@ def main():
         module.fail_json(msg=str(exc))
     notices = []
     t0 = time.monotonic()
+    state = {"conn": conn, "reconnects": 0}
 
     def attempt():
-        with conn.cursor() as cur:
+        with state["conn"].cursor() as cur:
             cur.execute("SET lock_timeout = %s", (p["lock_timeout"],))
             cur.execute("SET statement_timeout = %s", (p["statement_timeout"],))
             cur.execute(p["sql"], p["args"] or None)
@@ -100,14 +125,33 @@ def main():
     def on_retry(n, wait, exc):
         notices.append("retry %d in %.1fs after: %s" % (n, wait, pg_error_text(exc)))
 
-    try:
-        value, attempts = with_retries(attempt, p["retries"], p["retry_delay"], on_retry=on_retry)
-    except psycopg2.Error as exc:
-        notices.extend(conn.notices.drain())
-        conn.close()
-        module.fail_json(msg="step failed after %d attempt(s), nothing of the failed attempt was kept: %s"
-                         % (len([n for n in notices if n.startswith("retry ")]) + 1, pg_error_text(exc)),
-                         notices=notices)
+    budget = p["retries"]
+    while True:
+        try:
+            value, attempts = with_retries(attempt, budget, p["retry_delay"], on_retry=on_retry)
+            break
+        except psycopg2.Error as exc:
+            lost = connection_lost(state["conn"], exc)
+            notices.extend(drain(state["conn"]))
+            state["conn"].close()
+            if lost and p["reconnect"] and state["reconnects"] < max(1, p["retries"]):
+                state["reconnects"] += 1
+                wait = min(30.0, p["retry_delay"] * (2 ** (state["reconnects"] - 1)))
+                notices.append("reconnect %d in %.1fs after the connection was lost: %s"
+                               % (state["reconnects"], wait, pg_error_text(exc)))
+                time.sleep(wait)
+                try:
+                    state["conn"] = connect(p, "scanner-dbops step")
+                except RuntimeError as cexc:
+                    module.fail_json(msg="step interrupted: the connection was lost and could not be reopened: %s"
+                                     % cexc, notices=notices)
+                continue
+            module.fail_json(msg="step failed after %d attempt(s), nothing of the failed attempt was kept: %s%s"
+                             % (len([n for n in notices if n.startswith(("retry ", "reconnect "))]) + 1,
+                                pg_error_text(exc),
+                                " (connection lost; the step is safe to run again)" if lost else ""),
+                             notices=notices)
+    conn = state["conn"]
     notices.extend(conn.notices.drain())
     conn.close()
     if isinstance(value, str):
@@ -116,7 +160,7 @@ def main():
         except ValueError:
             pass
     changed = False if p["read_only"] else decide_changed(value, p["unchanged_statuses"])
-    module.exit_json(changed=changed, result=value, notices=notices, attempts=attempts,
+    module.exit_json(changed=changed, result=value, notices=notices, attempts=attempts, reconnects=state["reconnects"],
                      duration_ms=int((time.monotonic() - t0) * 1000))
 
 
