@@ -308,3 +308,24 @@ def test_verify_detects_rows_lost_during_the_phase(make_db, tmp_path):
     res = run_playbook(db, str(pb))
     assert res.rc != 0, res.text
     assert "Table system_logs lost rows" in res.failure_text, res.text
+
+
+def test_existing_report_and_backup_folders_keep_their_mode(make_db, tmp_path):
+    """report_dir / backup_dir pointing at an existing shared folder (like /tmp, mode 1777): the
+    roles create missing folders 0750 / 0700 but never chmod one that exists."""
+    import stat
+
+    db = make_db(seed_calls=200)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    res = run_playbook(db, "phase1", inventory_vars={"report_dir": str(shared), "backup_dir": str(shared)},
+                       extra_vars={"preflight_require_pg_cron": False})
+    assert res.ok, res.text
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777, oct(shared.stat().st_mode)
+    assert list(shared.glob("001_*.json")) and list(shared.glob("backup_*.dump")), sorted(shared.iterdir())
+    fresh = tmp_path / "fresh" / "reports"
+    res = run_playbook(db, "phase1", inventory_vars={"report_dir": str(fresh)},
+                       extra_vars={"preflight_require_pg_cron": False})
+    assert res.ok, res.text
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o750
