@@ -11,7 +11,7 @@ While it waits:
   (pg_terminate_backend, as a failover or a network cut would): dbops_step reopens the connection and
   runs the idempotent step again; the blocker lets go; the first run ends correctly.
 * test_controller_killed_during_step_then_resumed[p2_verify|p2_swap]: the controller is SIGKILLed
-  (whole process tree) while the verification (held on the engine's progress row) or the swap is
+  (whole process tree) while the verification (held on the engine's event log) or the swap is
   retrying; the next run (taking over the dead run's lease) finishes.
 
 Both assert: 0 failed application statements, no statement stalled beyond the bound, every committed
@@ -81,15 +81,17 @@ class ShadowBlocker:
             self.conn.close()
 
 
-class StateRowBlocker:
-    """Holds the engine's progress row of bcfy_calls_raw FOR UPDATE: p2_verify, which records its
-    result in that row at the end, has to wait (the application never touches dbops.p2_state)."""
+class EventLogBlocker:
+    """Holds SHARE on dbops.p2_events: p2_verify, which logs its result there last (after it has
+    compared and updated the progress row, in the same transaction), has to wait. An already
+    prepared and backfilled table makes the playbook's prepare and backfill steps return without
+    logging, and the application never touches the engine's log."""
 
     def __init__(self, db):
         self.conn = db.connect()
         with self.conn.cursor() as cur:
-            cur.execute("SET application_name = 'test-state-blocker'")
-            cur.execute("SELECT 1 FROM dbops.p2_state WHERE table_name = 'bcfy_calls_raw' FOR UPDATE")
+            cur.execute("SET application_name = 'test-event-log-blocker'")
+            cur.execute("LOCK TABLE dbops.p2_events IN SHARE MODE")
 
     release = ShadowBlocker.release
 
@@ -190,7 +192,7 @@ def test_controller_killed_during_step_then_resumed(ready_db, tmp_path, step):
         shadow = prepare_calls(db)
         if step == "p2_verify":
             backfill_calls(db)
-            blocker = StateRowBlocker(db)
+            blocker = EventLogBlocker(db)
         else:
             blocker = ShadowBlocker(db, shadow)
         proc, prep = start_playbook(db, "phase2", extra_vars=FAST)
