@@ -20,7 +20,10 @@ from __future__ import annotations
 import psycopg2
 import pytest
 
-from playbook_runner import REPO, create_db, db_state, drop_db, migrate_direct, run_playbook
+import shutil
+import subprocess
+
+from playbook_runner import REPO, create_db, db_state, drop_db, lookup_migrations, migrate_direct, run_playbook
 
 SEED_CALLS = 3000
 SQL_DIR = REPO / "files" / "sql"
@@ -129,6 +132,18 @@ def recent_call(db) -> str:
                      "ORDER BY started_at DESC LIMIT 1")
 
 
+def test_files_paired_and_squawk_clean():
+    migs = lookup_migrations("003")
+    assert [m["version"] + "_" + m["name"] for m in migs] == [
+        "003_01_columns", "003_02_constraints", "003_03_pipeline_monitoring"]
+    assert all(m["rollback_sql"] for m in migs), "every Phase 3 file has its rollback"
+    files = sorted(SQL_DIR.glob("003_*.sql")) + sorted((SQL_DIR / "rollback").glob("003_*.sql"))
+    squawk = shutil.which("squawk", path=str(REPO / ".venv" / "bin"))
+    if squawk:
+        r = subprocess.run([squawk, *map(str, files)], capture_output=True, text=True, cwd=REPO)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
 # ---- plain bcfy_calls_raw (Phase 2 skipped), some columns already there ----------------------
 @pytest.fixture(scope="module")
 def plain_db(pg_server):
@@ -152,7 +167,7 @@ def test_plain_check_mode_changes_nothing(plain_db):
     assert "processing_stage" not in columns(plain_db, "bcfy_calls_raw")
 
 
-def test_plain_apply_idempotent_preexisting_columns(plain_db):
+def test_plain_apply_with_preexisting_columns(plain_db):
     db = plain_db
     res = run_playbook(db, "phase3")
     assert res.ok, res.text
