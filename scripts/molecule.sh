@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the Molecule scenarios: `default` (real PostgreSQL in a podman container) and `fleet` (two
-# containers, one run) when podman works here, and `embedded` (delegated driver, local server) always.
+# Runs the Molecule scenarios: `default` (real PostgreSQL in a podman container), `phase2` (Phase 2
+# and its rollback under the application's workload, in a container) and `fleet` (two containers,
+# one run) when podman works here, and `embedded` (delegated driver, local server) always.
 # All clean up after themselves.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -12,7 +13,7 @@ scenarios=("$@")
 if [ "${#scenarios[@]}" -eq 0 ]; then
   scenarios=(embedded)
   if [ "$(id -u)" = 0 ] && command -v podman >/dev/null && command -v debootstrap >/dev/null; then
-    scenarios=(default fleet embedded)
+    scenarios=(default phase2 fleet embedded)
   else
     echo "molecule: podman/debootstrap unavailable or not root: running only the 'embedded' scenario" >&2
   fi
