@@ -36,7 +36,9 @@ sys.modules.setdefault("workload", workload)
 spec.loader.exec_module(workload)
 
 STALL_BOUND_MS = 2000
-FAST = {"partition_round_seconds": 2, "partition_upsert_probe_seconds": 1}
+# 5 000 calls, ~1 500 transcripts, 20 000 metrics, 10 000 logs: with 3 000 only transcripts are
+# recounted under the swap's lock, the others rely on the verification (both paths run).
+FAST = {"partition_round_seconds": 2, "partition_upsert_probe_seconds": 1, "partition_recount_max_rows": 3000}
 TABLES = ("bcfy_calls_raw", "transcripts", "api_call_metrics", "system_logs")
 
 
@@ -171,6 +173,7 @@ def test_second_run_refused_and_connection_cut_during_swap(ready_db, tmp_path):
     assert res.ok, res.text
     swaps = [r for n, st, r in res.tasks if "Swap the partitioned table in" in n and st == "ok"]
     assert len(swaps) == 4, res.text
+    assert [r["result"]["recount"] for r in swaps] == [False, True, False, False], [r["result"] for r in swaps]
     calls_swap = swaps[0]
     assert calls_swap["reconnects"] >= 1, calls_swap
     assert any(n.startswith("reconnect 1") and "connection was lost" in n for n in calls_swap["notices"]), calls_swap
