@@ -197,6 +197,23 @@ def test_maintenance_vacuum_when_due_and_cron_history_purge(env):
     db.query("DELETE FROM cron.job_run_details WHERE runid >= 990001", superuser=True)
 
 
+def test_retention_deletes_are_vacuumed_before_the_health_checks(env):
+    """Retention DELETEs expired rows of the unpartitioned poll log (30 days); without a VACUUM right
+    after, the health check read those dead rows as CRITICAL bloat and failed the nightly job."""
+    stage("maint2")
+    db = env["db"]
+    db.query("INSERT INTO bcfy_playlist_poll_log (uuid, poll_started_at, success) SELECT gen_random_uuid(), "
+             "now() - interval '40 days' - g * interval '1 second', true FROM generate_series(1, 4000) g")
+    res = run_stage(env, "maint_retention", "maintenance", extra_vars={"maintenance_vacuum": "never"})
+    assert res.ok, res.text
+    vac = res.task("VACUUM ANALYZE the tables retention deleted rows from")
+    assert vac is not None and [r["item"]["key"] for r in vac["results"]] == ["bcfy_playlist_poll_log"], res.text
+    assert db.scalar("SELECT count(*) FROM bcfy_playlist_poll_log WHERE poll_started_at < now() - interval '30 days'") == 0
+    assert not res.shows("[CRITICAL] table_bloat"), res.text
+    again = run_playbook(db, "maintenance", workdir=env["workdir"], extra_vars={"maintenance_vacuum": "never"})
+    assert again.ok and again.changed == 0, again.text
+
+
 def test_maintenance_unhealthy_exits_nonzero_after_the_report(env):
     stage("maint2")
     db = env["db"]
