@@ -502,13 +502,38 @@ def test_full_conversion_under_concurrent_writes(engine_db_full):
 def test_backfill_resumes_after_cancel(engine_db):
     db = engine_db
     prepare(db, "api_call_metrics")
+    # Each batch is slowed down (a test-only statement trigger on the shadow) so that the cancel
+    # below lands mid-copy whatever the speed of the machine: the fast path copies the whole
+    # table in ~100 ms on an idle box, which made a fixed statement_timeout flaky.
+    db.query("CREATE FUNCTION public.t_slow_batch() RETURNS trigger LANGUAGE plpgsql AS "
+             "$$BEGIN PERFORM pg_sleep(0.05); RETURN NULL; END$$")
+    db.query("CREATE TRIGGER t_slow_batch AFTER INSERT ON api_call_metrics_p "
+             "FOR EACH STATEMENT EXECUTE FUNCTION public.t_slow_batch()")
     conn = db.connect()
     conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute("SET statement_timeout = '120ms'")
-        with pytest.raises(psycopg2.errors.QueryCanceled):
-            cur.execute("CALL dbops.p2_backfill('api_call_metrics', 50, 60)")
+    pid = conn.get_backend_pid()
+    failure: list[BaseException] = []
+
+    def run():
+        try:
+            with conn.cursor() as cur:
+                cur.execute("CALL dbops.p2_backfill('api_call_metrics', 50, 60)")
+        except BaseException as exc:  # handed to the main thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while db.scalar("SELECT rows_done FROM dbops.p2_state WHERE table_name = 'api_call_metrics'") == 0:
+        assert time.monotonic() < deadline, "no batch committed in 60 s"
+        time.sleep(0.02)
+    assert db.scalar("SELECT pg_cancel_backend(%s)", (pid,)) is True
+    worker.join(30)
+    assert not worker.is_alive()
     conn.close()
+    assert len(failure) == 1 and isinstance(failure[0], psycopg2.errors.QueryCanceled), failure
+    db.query("DROP TRIGGER t_slow_batch ON api_call_metrics_p")
+    db.query("DROP FUNCTION public.t_slow_batch()")
     done, copied, step = db.query(
         "SELECT rows_done, rows_copied, step FROM dbops.p2_state WHERE table_name = 'api_call_metrics'")[0]
     assert step == "backfilling" and 0 < done < 12000
