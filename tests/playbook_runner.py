@@ -421,6 +421,10 @@ def finish(proc, prep: Prepared, timeout: float = 300) -> Result:
     return res
 
 
+# The word every rollback playbook needs (-e rollback_confirm=ROLLBACK, roles/preflight/tasks/confirm.yml).
+ROLLBACK = {"rollback_confirm": "ROLLBACK"}
+
+
 def run_playbook(db, playbook: str, extra_vars=None, check=False, inventory_vars=None, env=None,
                  args=None, workdir=None, timeout: float = 300) -> Result:
     """Run playbooks/<playbook>.yml against db (a conftest DbInfo) and parse what it reported."""

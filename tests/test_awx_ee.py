@@ -195,8 +195,9 @@ def test_finalize_requires_drop_in_a_survey(awx_objects):
     assert q is not None, jt
     assert q["required"] is True and q["type"] == "multiplechoice" and q["choices"] == ["DROP"]
     assert q["default"] in ("", None)
-    # the playbook refuses without the same value
-    assert "finalize_phase2_confirm | default('') == 'DROP'" in (REPO / "playbooks" / "finalize_phase2.yml").read_text()
+    # the playbook refuses without the same value (tests/test_phase2_playbook.py runs it)
+    text = (REPO / "playbooks" / "finalize_phase2.yml").read_text()
+    assert "preflight_confirm_var: finalize_phase2_confirm" in text and "preflight_confirm_word: DROP" in text
 
 
 def test_rollbacks_require_a_confirmation(awx_objects):
@@ -205,6 +206,9 @@ def test_rollbacks_require_a_confirmation(awx_objects):
     for jt in rollbacks:
         q = _survey_question(jt, "rollback_confirm")
         assert q and q["required"] is True and q["choices"] == ["ROLLBACK"], jt["name"]
+        # the playbook itself refuses without the same value (tests/test_playbooks.py runs it)
+        text = (REPO / jt["playbook"]).read_text()
+        assert "preflight_confirm_var: rollback_confirm" in text and "preflight_confirm_word: ROLLBACK" in text
     plain = [j for j in awx_objects["job_templates"]
              if j["playbook"] in ("playbooks/phase1.yml", "playbooks/maintenance.yml")]
     assert all("survey" not in j for j in plain)

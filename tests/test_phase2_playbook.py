@@ -8,7 +8,8 @@ The story an operator lives through:
    phase2.yml converts all four tables while the workload runs: 0 failed statements, no statement
    stalled beyond the bound, every committed row present afterwards, pruning proven.
 3. A second run changes nothing.
-4. rollback_phase2.yml under the same workload: rows written after the swap are in the restored
+4. rollback_phase2.yml without -e rollback_confirm=ROLLBACK stops before changing anything.
+5. rollback_phase2.yml under the same workload: rows written after the swap are in the restored
    plain tables; 0 failures.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 
 import pytest
 
-from playbook_runner import REPO, run_playbook
+from playbook_runner import REPO, ROLLBACK, db_state, run_playbook
 
 spec = importlib.util.spec_from_file_location("workload", REPO / "tools" / "workload.py")
 workload = importlib.util.module_from_spec(spec)
@@ -99,8 +100,18 @@ def test_phase2_online_story(cron_db, tmp_path):
     assert res.ok, res.text
     assert res.changed == 0, res.task_names("changed")
 
-    # 4. Rollback under load: nothing written after the swap is lost.
-    res, s, keys = run_under_workload(db, "rollback_phase2", "call_uid_started_at", tmp_path, name="rollback")
+    # 4. Rollback: refused without -e rollback_confirm=ROLLBACK, after its read-only checks.
+    before = db_state(db)
+    res = run_playbook(db, "rollback_phase2", extra_vars=FAST, timeout=600)
+    assert not res.ok and "-e rollback_confirm=ROLLBACK" in res.failure_text, res.text
+    assert "swaps the synced <table>_nonpartitioned tables back" in res.failure_text, res.text
+    res = run_playbook(db, "rollback_phase2", extra_vars=FAST, check=True, timeout=600)   # no word needed
+    assert res.ok, res.text
+    assert db_state(db) == before
+
+    # 5. Rollback under load: nothing written after the swap is lost.
+    res, s, keys = run_under_workload(db, "rollback_phase2", "call_uid_started_at", tmp_path, extra_vars=ROLLBACK,
+                                      name="rollback")
     assert res.ok, res.text
     print("rollback_phase2 under workload:", workload.human_line(s))
     assert s["failed"] == 0, s["failures"][:5]
@@ -126,7 +137,7 @@ def test_phase2_killed_during_backfill_then_resumed(cron_db, tmp_path):
 
     db = cron_db
     if db.scalar("SELECT relkind::text FROM pg_class WHERE oid = 'public.bcfy_calls_raw'::regclass") == "p":
-        run_playbook(db, "rollback_phase2", extra_vars=FAST, timeout=600)
+        run_playbook(db, "rollback_phase2", extra_vars={**FAST, **ROLLBACK}, timeout=600)
     # step 0 first: the ingester's new unique key must exist before the workload uses it
     prep_res = run_playbook(db, "phase2_prepare", timeout=600)
     assert prep_res.ok, prep_res.text
@@ -161,3 +172,38 @@ def test_phase2_killed_during_backfill_then_resumed(cron_db, tmp_path):
     for t in ("bcfy_calls_raw", "transcripts", "api_call_metrics", "system_logs"):
         assert db.scalar("SELECT step FROM dbops.p2_status() WHERE table_name = %s", (t,)) == "swapped", t
     assert db.scalar("SELECT count(*) FROM pg_index WHERE NOT indisvalid") == 0
+
+
+def test_finalize_phase2_needs_drop_then_drops(cron_db):
+    """finalize_phase2.yml: --check and a run without -e finalize_phase2_confirm=DROP change nothing
+    and name what would go; with the word each old copy is re-verified and dropped, no row is lost;
+    a second run changes nothing (and needs no word: nothing is left to drop)."""
+    db = cron_db
+    tables = ("bcfy_calls_raw", "transcripts", "api_call_metrics", "system_logs")
+    if any(db.scalar("SELECT step FROM dbops.p2_status() WHERE table_name = %s", (t,)) != "swapped"
+           for t in tables):
+        res = run_playbook(db, "phase2", extra_vars=FAST, timeout=900)
+        assert res.ok, res.text
+    counts = {t: db.scalar(f"SELECT count(*) FROM public.{t}") for t in tables}
+    before = db_state(db)
+
+    res = run_playbook(db, "finalize_phase2", extra_vars=FAST, check=True, timeout=600)
+    assert res.ok, res.text
+    assert res.shows("bcfy_calls_raw_nonpartitioned"), res.text
+    res = run_playbook(db, "finalize_phase2", extra_vars=FAST, timeout=600)
+    assert not res.ok and "-e finalize_phase2_confirm=DROP" in res.failure_text, res.text
+    assert "Nothing was changed" in res.failure_text and "system_logs" in res.failure_text, res.text
+    assert db_state(db) == before
+
+    res = run_playbook(db, "finalize_phase2", extra_vars={**FAST, "finalize_phase2_confirm": "DROP"}, timeout=900)
+    assert res.ok, res.text
+    assert res.changed > 0
+    for t in tables:
+        assert db.scalar("SELECT to_regclass(%s)", (f"public.{t}_nonpartitioned",)) is None, t
+        assert db.scalar("SELECT step FROM dbops.p2_status() WHERE table_name = %s", (t,)) == "finalized", t
+        assert db.scalar(f"SELECT count(*) FROM public.{t}") == counts[t], t
+    assert db.scalar("SELECT count(*) FROM dbops.run_lock") == 0
+
+    res = run_playbook(db, "finalize_phase2", extra_vars=FAST, timeout=600)
+    assert res.ok, res.text
+    assert res.changed == 0, res.task_names("changed")

@@ -23,7 +23,7 @@ import pytest
 import shutil
 import subprocess
 
-from playbook_runner import REPO, create_db, db_state, drop_db, lookup_migrations, migrate_direct, run_playbook
+from playbook_runner import REPO, ROLLBACK, create_db, db_state, drop_db, lookup_migrations, migrate_direct, run_playbook
 
 SEED_CALLS = 3000
 SQL_DIR = REPO / "files" / "sql"
@@ -205,7 +205,7 @@ def test_plain_guide_statements_and_stuck_items(plain_db):
 
 def test_plain_rollback_keeps_columns_then_reapply(plain_db):
     db = plain_db
-    res = run_playbook(db, "rollback_phase3")
+    res = run_playbook(db, "rollback_phase3", extra_vars=ROLLBACK)
     assert res.ok, res.text
     assert ledger(db, "003") == []
     for table, cols in NEW_COLUMNS.items():
@@ -346,7 +346,7 @@ def test_partitioned_second_run_changes_nothing(site_run):
 
 def test_partitioned_rollback_drop_columns_then_reapply(site_run):
     db, _ = site_run
-    res = run_playbook(db, "rollback_phase3", extra_vars={"rollback_phase3_drop_columns": True})
+    res = run_playbook(db, "rollback_phase3", extra_vars={**ROLLBACK, "rollback_phase3_drop_columns": True})
     assert res.ok, res.text
     assert ledger(db, "003") == []
     for table, cols in NEW_COLUMNS.items():

@@ -21,7 +21,7 @@ import uuid
 import pytest
 
 import playbook_runner
-from playbook_runner import create_db, db_state, drop_db, run_playbook
+from playbook_runner import ROLLBACK, create_db, db_state, drop_db, run_playbook
 
 REPO = playbook_runner.REPO
 SEED_CALLS = 3000
@@ -223,7 +223,15 @@ def test_second_run_changes_nothing(env):
 def test_rollback_restores_the_baseline(env):
     stage("phase1")
     db = env["db"]
-    res = run_stage(env, "rollback", "rollback_phase1")
+    # Without the word the rollback stops after its read-only checks; --check needs no word.
+    before = db_state(db)
+    res = run_playbook(db, "rollback_phase1", workdir=env["workdir"])
+    assert not res.ok and "-e rollback_confirm=ROLLBACK" in res.failure_text, res.text
+    assert "Nothing was changed" in res.failure_text, res.text
+    res = run_playbook(db, "rollback_phase1", workdir=env["workdir"], check=True)
+    assert res.ok, res.text
+    assert db_state(db) == before
+    res = run_stage(env, "rollback", "rollback_phase1", extra_vars=ROLLBACK)
     assert res.ok, res.text
     assert res.changed > 0, res.text
     assert res.shows("Rolled back: 001_03_monitoring") and res.shows("Phase 1 indexes removed; transcripts_tsv_idx restored")
@@ -247,7 +255,7 @@ def test_rollback_restores_the_baseline(env):
 def test_second_rollback_changes_nothing(env):
     stage("rollback")
     state = db_state(env["db"])
-    res = run_stage(env, "rollback_again", "rollback_phase1")
+    res = run_stage(env, "rollback_again", "rollback_phase1", extra_vars=ROLLBACK)
     assert res.ok, res.text
     assert res.changed == 0, res.text
     assert res.shows("Nothing to roll back: phase 001 is not applied.")
