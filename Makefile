@@ -28,9 +28,12 @@ lint: install-test
 	$(VENV)/ansible-lint
 	$(VENV)/squawk files/sql/0*.sql files/sql/rollback/*.sql
 
+# Test files run on $(PYTEST_WORKERS) workers, each file whole on one worker (module fixtures, stages
+# in file order), each worker with its own PostgreSQL server. PYTEST_WORKERS=0 runs them in one process.
+PYTEST_WORKERS ?= 2
 unit: install-test
 	mkdir -p .cache
-	$(VENV)/pytest --junitxml=.cache/pytest-junit.xml
+	$(VENV)/pytest -n $(PYTEST_WORKERS) --dist loadfile --junitxml=.cache/pytest-junit.xml
 
 molecule: install-test
 	scripts/molecule.sh

@@ -95,7 +95,10 @@ def pg_server():
     # Not pytest's tmp_path: it is 0700 under /tmp/pytest-of-root, unreachable for the postgres user.
     d = pathlib.Path(tempfile.mkdtemp(prefix="scanner-test-pg-", dir="/tmp"))
     d.chmod(0o755)
-    port = int(os.environ.get("TEST_PG_PORT") or free_port())
+    # make test runs the files on 2 pytest-xdist workers (gw0, gw1): one server each; a fixed
+    # TEST_PG_PORT becomes TEST_PG_PORT + worker number.
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+    port = int(os.environ["TEST_PG_PORT"]) + worker if os.environ.get("TEST_PG_PORT") else free_port()
     env = {**os.environ, "PG_EMBED_DIR": str(d / "pg"), "PG_EMBED_PORT": str(port), "PG_EMBED_FAST": "1"}
     subprocess.run([str(PG_SCRIPT), "start"], check=True, env=env, stdout=subprocess.DEVNULL)
     server = PgServer(dir=d / "pg", port=port,
