@@ -29,12 +29,15 @@ import subprocess
 import tempfile
 import time
 
+import pytest
 import yaml
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VENV_BIN = REPO / ".venv" / "bin"
 ANSIBLE_PLAYBOOK = VENV_BIN / "ansible-playbook"
 PYTHON = VENV_BIN / "python"
+COLLECTIONS = REPO / "collections"
+COLLECTION = COLLECTIONS / "ansible_collections" / "scanner" / "dbops"
 HOST = "testdb"
 
 # Value for inventory_vars that removes the variable from the host (to test "undefined").
@@ -433,6 +436,28 @@ def run_playbook(db, playbook: str, extra_vars=None, check=False, inventory_vars
     return finish(proc, prep, timeout=timeout)
 
 
+class Stages(dict):
+    """A test module's playbook runs ("stages", in file order), kept by name so that a later test
+    can use an earlier stage's result:
+
+        STAGES = Stages(); run_stage = STAGES.run; stage = STAGES.ok
+        run_stage(env, "phase1", "phase1")    # env: {"db": DbInfo, "workdir": a shared folder}
+        stage("phase1")   # its Result; the test fails saying so if it did not run or failed
+    """
+
+    def run(self, env, name, playbook, **kw) -> Result:
+        res = run_playbook(env["db"], playbook, workdir=env["workdir"], **kw)
+        self[name] = res
+        return res
+
+    def ok(self, name) -> Result:
+        res = self.get(name)
+        if res is None:
+            pytest.fail("stage %r did not run (an earlier test failed before it)" % name)
+        assert res.ok, "stage %r failed:\n%s" % (name, res.text)
+        return res
+
+
 # ---- the project's Python code, in process ---------------------------------------------------
 def _load(mod_name: str, path: pathlib.Path):
     import importlib.util
@@ -447,30 +472,27 @@ def _load(mod_name: str, path: pathlib.Path):
 
 
 def project_code():
-    """The project's module_utils and modules, imported the way Ansible would see them.
+    """The collection's module_utils and modules (scanner.dbops), imported by their real paths.
 
-    Returns a namespace with dbops_sql, dbops_pg (registered as ansible.module_utils.dbops_*),
-    dbops_migrate, dbops_run_lock and dbops_step (the module files)."""
+    Returns a namespace with dbops_sql, dbops_pg (module_utils), dbops_migrate, dbops_run_lock and
+    dbops_step (the modules)."""
+    import importlib
+    import sys
     import types
-
-    import ansible.module_utils as amu
-    mu = REPO / "plugins" / "module_utils"
-    sql = _load("ansible.module_utils.dbops_sql", mu / "dbops_sql.py")
-    pg = _load("ansible.module_utils.dbops_pg", mu / "dbops_pg.py")
-    amu.dbops_sql, amu.dbops_pg = sql, pg
-    mods = REPO / "plugins" / "modules"
-    migrate = _load("dbops_test_dbops_migrate", mods / "dbops_migrate.py")
-    run_lock = _load("dbops_test_dbops_run_lock", mods / "dbops_run_lock.py")
-    step = _load("dbops_test_dbops_step", mods / "dbops_step.py")
-    return types.SimpleNamespace(dbops_sql=sql, dbops_pg=pg, dbops_migrate=migrate, dbops_run_lock=run_lock,
-                                 dbops_step=step)
+    if str(COLLECTIONS) not in sys.path:
+        sys.path.insert(0, str(COLLECTIONS))
+    base = "ansible_collections.scanner.dbops.plugins."
+    mod = lambda name: importlib.import_module(base + name)  # noqa: E731
+    return types.SimpleNamespace(dbops_sql=mod("module_utils.sql"), dbops_pg=mod("module_utils.pg"),
+                                 dbops_migrate=mod("modules.migrate"), dbops_run_lock=mod("modules.run_lock"),
+                                 dbops_step=mod("modules.step"))
 
 
 def lookup_migrations(phase: str = "001", sql_dir=None):
-    """The dbops_migrations lookup, loaded through Ansible's plugin loader (it needs its docs)."""
+    """The scanner.dbops.migrations lookup, loaded through Ansible's plugin loader (it needs its docs)."""
     from ansible.plugins.loader import lookup_loader
-    lookup_loader.add_directory(str(REPO / "plugins" / "lookup"))
-    lk = lookup_loader.get("dbops_migrations")
+    lookup_loader.add_directory(str(COLLECTION / "plugins" / "lookup"))
+    lk = lookup_loader.get("migrations")
     return lk.run([phase], variables={}, sql_dir=str(sql_dir or REPO / "files" / "sql"))[0]
 
 
@@ -503,49 +525,7 @@ def migrate_direct(db, phase: str = "001", state: str = "applied", sql_dir=None,
     return result
 
 
-# ---- databases that outlive one test ---------------------------------------------------------
-def create_db(pg_server, baseline: bool = True, seed_calls: int = 0, cron: bool = False, name: str | None = None):
-    """Like conftest's make_db, for module-scoped fixtures (make_db is function-scoped).
-
-    The caller drops it with drop_db(pg_server, db.name)."""
-    import uuid
-
-    import conftest  # the tests' conftest (pytest imported it under this name)
-    dbname = pg_server.cron_db if cron else (name or "t_" + uuid.uuid4().hex[:12])
-    su = pg_server.connect("postgres", superuser=True)
-    su.autocommit = True
-    with su.cursor() as cur:
-        cur.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % dbname)
-        cur.execute('CREATE DATABASE "%s" OWNER %s' % (dbname, pg_server.user))
-    su.close()
-    su = pg_server.connect(dbname, superuser=True)
-    su.autocommit = True
-    with su.cursor() as cur:
-        cur.execute("ALTER SCHEMA public OWNER TO %s" % pg_server.user)
-        cur.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-        if cron:
-            cur.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
-            cur.execute("GRANT USAGE ON SCHEMA cron TO %s" % pg_server.user)
-    su.close()
-    db = conftest.DbInfo(pg_server, dbname)
-    if baseline:
-        conftest._run_sql_file(db, conftest.BASELINE_DIR / "01_schema.sql")
-        if seed_calls:
-            conftest._run_sql_file(db, conftest.BASELINE_DIR / "02_demo_data.sql")
-            db.query("SELECT demo.seed(%s)", (seed_calls,))
-    return db
-
-
-def drop_db(pg_server, name: str):
-    su = pg_server.connect("postgres", superuser=True)
-    su.autocommit = True
-    try:
-        with su.cursor() as cur:
-            cur.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name)
-    finally:
-        su.close()
-
-
+# ---- what a run leaves in the database -------------------------------------------------------
 def db_state(db) -> dict:
     """Everything a phase could change (schemas, indexes, constraints, views, ledger, run lock),
     read as superuser; compare two snapshots to prove a run changed nothing."""
@@ -566,3 +546,9 @@ def db_state(db) -> dict:
     if q("SELECT to_regclass('dbops.run_lock') IS NOT NULL")[0][0]:
         state["run_lock"] = q("SELECT run_id, holder, expires_at::text FROM dbops.run_lock ORDER BY 1")
     return state
+
+
+def ledger(db, prefix: str = "") -> list:
+    """Versions recorded in the migration ledger (dbops.schema_migrations), of one phase with prefix."""
+    return [v for (v,) in db.query("SELECT version FROM dbops.schema_migrations WHERE version LIKE %s ORDER BY 1",
+                                   (prefix + "%",))]

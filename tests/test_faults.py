@@ -27,7 +27,8 @@ import time
 import pytest
 
 import playbook_runner
-from playbook_runner import db_state, finish, kill_tree, run_playbook, start_playbook
+from conftest import create_db, drop_db, wait_for
+from playbook_runner import db_state, finish, kill_tree, ledger, run_playbook, start_playbook
 
 SEED_CALLS = 3000
 PHASE1_VERSIONS = ["001_01", "001_02", "001_03"]
@@ -57,10 +58,6 @@ def index_def(db, name):
                      "WHERE i.indexrelid = to_regclass(%s) AND i.indisvalid AND i.indisready", ("public." + name,))
 
 
-def ledger(db) -> list:
-    return [r[0] for r in db.query("SELECT version FROM dbops.schema_migrations ORDER BY 1")]
-
-
 def run_lock_rows(db) -> list:
     if not db.scalar("SELECT to_regclass('dbops.run_lock') IS NOT NULL"):
         return []
@@ -76,16 +73,6 @@ def dbops_backends(db, query_like="%") -> list:
     return db.query("SELECT pid, state, wait_event_type, query FROM pg_stat_activity "
                     "WHERE application_name LIKE 'scanner-dbops%%' AND datname = current_database() "
                     "AND pid <> pg_backend_pid() AND query LIKE %s", (query_like,), superuser=True)
-
-
-def wait_for(pred, timeout=120.0, interval=0.05, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
 
 
 def assert_phase1_complete(db):
@@ -155,7 +142,7 @@ class TestBusyDatabase:
 
     @pytest.fixture(scope="class")
     def busy(self, pg_server, fast_vars):
-        db = playbook_runner.create_db(pg_server, baseline=True, seed_calls=SEED_CALLS, cron=True)
+        db = create_db(pg_server, baseline=True, seed_calls=SEED_CALLS, cron=True)
         try:
             conn = db.connect()
             conn.autocommit = True
@@ -175,7 +162,7 @@ class TestBusyDatabase:
             locker.join(30)
             yield dict(db=db, res=res, locker=locker, invalid_before=invalid_before)
         finally:
-            playbook_runner.drop_db(pg_server, db.name)
+            drop_db(pg_server, db.name)
 
     def test_run_succeeds(self, busy):
         res = busy["res"]
@@ -326,17 +313,17 @@ def test_killed_mid_build_then_forced_rerun(db, fast_vars):
 
 # ---- (d') the lease itself: two runs that both passed preflight -----------------------------------------
 def test_run_lock_module_takes_the_lease_atomically(db, tmp_path):
-    """dbops_run_lock as the plays call it (same module_defaults): the second of two runs is refused
+    """scanner.dbops.run_lock as the plays call it (same module_defaults): the second of two runs is refused
     at acquire time too, a renewal keeps the lease, and only the holder can release it."""
     import yaml
 
     def call(name, **args):
-        return {"name": name, "dbops_run_lock": args, "register": name.replace(" ", "_"), "ignore_errors": True}
+        return {"name": name, "scanner.dbops.run_lock": args, "register": name.replace(" ", "_"), "ignore_errors": True}
 
     play = [{
         "name": "run lock calls", "hosts": "scanner_db", "gather_facts": False,
         "vars_files": [str(playbook_runner.REPO / "playbooks" / "vars" / "connection.yml")],
-        "module_defaults": {"dbops_run_lock": "{{ scanner_db_login }}"},
+        "module_defaults": {"group/scanner.dbops.all": "{{ scanner_db_login }}"},
         "tasks": [
             call("A takes", state="present", run_id="run-A", holder="alice (A)", ttl_seconds=600),
             call("B is refused", state="present", run_id="run-B", holder="bob (B)"),

@@ -24,17 +24,19 @@ import psycopg2
 import pytest
 
 import playbook_runner
-from playbook_runner import create_db, drop_db, run_playbook
+from conftest import create_db, drop_db
+from playbook_runner import Stages, run_playbook
 
 REPO = playbook_runner.REPO
 SEED_CALLS = 3000
-STAGES: dict = {}
+STAGES = Stages()  # run_stage(env, name, playbook, **kw) keeps the result; stage(name) returns it if ok
+run_stage, stage = STAGES.run, STAGES.ok
 QUIET_VACUUM = {"maintenance_vacuum": "never"}
 
 
 def _filters():
     spec = importlib.util.spec_from_file_location(
-        "dbops_perf_filters", REPO / "roles" / "validate" / "filter_plugins" / "dbops_perf.py")
+        "dbops_perf_filters", playbook_runner.COLLECTION / "plugins" / "filter" / "perf.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -48,20 +50,6 @@ def env(pg_server):
         yield dict(db=db, workdir=workdir)
     finally:
         drop_db(pg_server, db.name)
-
-
-def run_stage(env, name, playbook, **kw):
-    res = run_playbook(env["db"], playbook, workdir=env["workdir"], **kw)
-    STAGES[name] = res
-    return res
-
-
-def stage(name):
-    res = STAGES.get(name)
-    if res is None:
-        pytest.fail("stage %r did not run (an earlier test failed before it)" % name)
-    assert res.ok, "stage %r failed:\n%s" % (name, res.text)
-    return res
 
 
 def fact(res, task_part, name):

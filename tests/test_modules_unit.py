@@ -1,12 +1,12 @@
 """Unit tests (no database) of the project's Python code.
 
-plugins/module_utils/dbops_sql.py: statement splitting (quotes, '' and E'' escapes, "idents;",
+scanner.dbops module_utils/sql.py: statement splitting (quotes, '' and E'' escapes, "idents;",
 $$ and $tag$ bodies, nested /* */, -- comments, line numbers, empty statements), the
 no-transaction marker, CONCURRENTLY detection, CREATE INDEX CONCURRENTLY name parsing and the
-CRLF-stable checksum. plugins/module_utils/dbops_pg.py: retry/backoff and its exhaustion, the
+CRLF-stable checksum. module_utils/pg.py: retry/backoff and its exhaustion, the
 notice sink, error text, and that a failed connection never shows the password.
-plugins/lookup/dbops_migrations.py: ordering, names, rollback pairing, bad input.
-plugins/modules/dbops_migrate.py: the checks it makes before touching a database.
+lookup/migrations.py: ordering, names, rollback pairing, bad input.
+modules/migrate.py: the checks it makes before touching a database.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import pytest
 from ansible.errors import AnsibleError
 
 import playbook_runner
+from conftest import free_port
 
 CODE = playbook_runner.project_code()
 sql = CODE.dbops_sql
@@ -307,7 +308,7 @@ def test_connect_failure_hides_the_password(monkeypatch):
 
 
 def test_connect_to_a_closed_port_is_a_clean_error():
-    port = _free_port()
+    port = free_port()
     params = dict(login_host="127.0.0.1", login_port=port, login_user="scan", login_password="Pw-closed-port-7",
                   login_db="scanner", ssl_mode="disable", connect_params={"connect_timeout": 3})
     with pytest.raises(RuntimeError) as err:
@@ -315,13 +316,6 @@ def test_connect_to_a_closed_port_is_a_clean_error():
     msg = str(err.value)
     assert "cannot connect to PostgreSQL at 127.0.0.1:%d" % port in msg
     assert "Pw-closed-port-7" not in msg and err.value.__cause__ is None
-
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- the lookup ---------------------------------------------------------------------------------

@@ -3,9 +3,9 @@ compare the guide's performance tests with the baseline Phase 1 saved (verdicts 
 from __future__ import annotations
 
 DOCUMENTATION = """
-name: dbops_perf
+name: perf
 short_description: EXPLAIN JSON summaries and performance verdicts for the validate role
-description: [dbops_plan_summary, dbops_perf_measure, dbops_perf_compare.]
+description: [scanner.dbops.plan_summary, scanner.dbops.median, scanner.dbops.perf_measure, scanner.dbops.perf_compare.]
 """
 
 
@@ -167,8 +167,8 @@ def perf_compare(current, baseline, tests, catalog):
 class FilterModule:
     def filters(self):
         return {
-            "dbops_plan_summary": plan_summary,
-            "dbops_median": median,
-            "dbops_perf_measure": perf_measure,
-            "dbops_perf_compare": perf_compare,
+            "plan_summary": plan_summary,
+            "median": median,
+            "perf_measure": perf_measure,
+            "perf_compare": perf_compare,
         }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 DOCUMENTATION = r"""
-name: dbops_migrations
+name: migrations
 short_description: Read a phase's migration files (files/sql/NNN_MM_*.sql) and their rollbacks
 description:
   - Returns one list of dicts (version, name, path, sql, rollback_sql) for the

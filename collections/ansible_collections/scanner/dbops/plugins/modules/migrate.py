@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 DOCUMENTATION = r"""
-module: dbops_migrate
+module: migrate
 short_description: Apply versioned SQL migrations through a ledger, with lock_timeout and retries
 description:
   - Reads the ledger table C(<ledger_schema>.schema_migrations) and applies, in order, only the
@@ -83,9 +83,9 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible.module_utils.dbops_pg import (CONNECTION_ARGSPEC, HAS_PSYCOPG2, connect,
+from ansible_collections.scanner.dbops.plugins.module_utils.pg import (CONNECTION_ARGSPEC, HAS_PSYCOPG2, connect,
                                            pg_error_text, with_retries)
-from ansible.module_utils.dbops_sql import (checksum, concurrent_index, is_concurrent,
+from ansible_collections.scanner.dbops.plugins.module_utils.sql import (checksum, concurrent_index, is_concurrent,
                                             is_no_transaction, split_statements)
 
 try:

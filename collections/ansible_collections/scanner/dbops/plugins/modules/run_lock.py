@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 DOCUMENTATION = r"""
-module: dbops_run_lock
+module: run_lock
 short_description: Take, renew, check or release the database-wide migration run lock
 description:
   - Ansible opens a new database connection for every task, so a session advisory lock cannot
@@ -35,7 +35,7 @@ took_over: {description: details of a stale (expired) lease that was taken over,
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible.module_utils.dbops_pg import CONNECTION_ARGSPEC, HAS_PSYCOPG2, connect, pg_error_text
+from ansible_collections.scanner.dbops.plugins.module_utils.pg import CONNECTION_ARGSPEC, HAS_PSYCOPG2, connect, pg_error_text
 
 try:
     import psycopg2

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 DOCUMENTATION = r"""
-module: dbops_step
+module: step
 short_description: Call one migration step under lock_timeout, with backoff retries, and return its jsonb
 description:
   - Runs one statement (typically C(SELECT dbops.p2_swap(%(table)s)) or C(CALL dbops.p2_backfill(...))) in
@@ -51,7 +51,7 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible.module_utils.dbops_pg import CONNECTION_ARGSPEC, HAS_PSYCOPG2, connect, pg_error_text, with_retries
+from ansible_collections.scanner.dbops.plugins.module_utils.pg import CONNECTION_ARGSPEC, HAS_PSYCOPG2, connect, pg_error_text, with_retries
 
 try:
     import psycopg2
