@@ -5,6 +5,13 @@ Fixtures
   pg_server    session: the running server (host, port, app user/password, superuser password)
   make_db      factory: make_db(baseline=True, seed_calls=0, cron=False) -> DbInfo of a fresh database
   baseline_db  a fresh database with the pre-Phase-1 production schema (no data)
+
+Helpers the test files import (`from conftest import ...`)
+  create_db / drop_db   make_db for module-scoped fixtures (the caller drops the database)
+  conn_kwargs(db)       psycopg2 / tools/workload connection keywords of a DbInfo
+  psql / apply          run SQL files or commands with psql the way the migration runner does
+  wait_for              poll a condition until it is true or a timeout
+  free_port             a free loopback TCP port
 """
 from __future__ import annotations
 
@@ -15,6 +22,8 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
+import time
 import uuid
 
 import psycopg2
@@ -23,12 +32,25 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PG_SCRIPT = REPO / "scripts" / "pg_embedded.sh"
 BASELINE_DIR = REPO / "files" / "sql" / "baseline"
+NO_TX_MARKER = "-- dbops:no-transaction"
+PSQL = next((p for p in ("/usr/lib/postgresql/15/bin/psql", shutil.which("psql")) if p and os.path.exists(p)), None)
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for(pred, timeout=120.0, what="condition", interval=0.05):
+    """Poll pred() until it returns something true (returned); AssertionError after timeout s."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
 
 
 @dataclasses.dataclass
@@ -90,6 +112,67 @@ class DbInfo:
         return rows[0][0] if rows else None
 
 
+def conn_kwargs(db) -> dict:
+    """psycopg2.connect() keywords of a DbInfo (also what tools/workload's Workload takes)."""
+    return {"host": db.host, "port": db.port, "dbname": db.name, "user": db.user, "password": db.password}
+
+
+def psql(db, target, runner_mode: bool = True, superuser: bool = False,
+         tmpdir: pathlib.Path | None = None) -> subprocess.CompletedProcess:
+    """Run a file or a command (str) with psql; never raises on SQL errors.
+
+    runner_mode: a file runs in one transaction (-1) unless it starts with the no-transaction
+    marker, as the migration runner applies it. The password travels in a 0600 pgpass file (in
+    tmpdir, default /tmp; removed afterwards), never on a command line."""
+    user = "postgres" if superuser else db.user
+    password = db.server.su_password if superuser else db.password
+    pgpass = (tmpdir or pathlib.Path("/tmp")) / f"pgpass-{os.getpid()}-{threading.get_ident()}"
+    pgpass.write_text(f"{db.host}:{db.port}:{db.name}:{user}:{password}\n")
+    pgpass.chmod(0o600)
+    cmd = [PSQL, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", db.host, "-p", str(db.port), "-U", user, "-d", db.name]
+    if isinstance(target, pathlib.Path):
+        if runner_mode and not target.read_text().startswith(NO_TX_MARKER):
+            cmd.append("-1")
+        cmd += ["-f", str(target)]
+    else:
+        cmd += ["-c", target]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGPASSFILE=str(pgpass), PGOPTIONS="-c lock_timeout=2s", PGCONNECT_TIMEOUT="10")
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        pgpass.unlink(missing_ok=True)
+
+
+SQL_DIR = pathlib.Path(__file__).resolve().parents[1] / "files" / "sql"
+
+
+def phase_sql(phase: str, sql_dir: pathlib.Path = SQL_DIR) -> list:
+    """A phase's files in the order scanner.dbops.migrate applies them: versioned, then repeatable."""
+    return sorted(sql_dir.glob(f"{phase}_*.sql")) + sorted((sql_dir / "repeatable" / phase).glob("*.sql"))
+
+
+def phase_rollback_sql(phase: str, sql_dir: pathlib.Path = SQL_DIR) -> list:
+    """A phase's rollback files in the order the module runs them: preconditions, then the
+    repeatable files' rollbacks newest first, then the versioned ones' newest first."""
+    rb = sql_dir / "rollback"
+    return (sorted(rb.glob(f"{phase}_preconditions.sql"))
+            + sorted((rb / "repeatable" / phase).glob("*.sql"), reverse=True)
+            + sorted((p for p in rb.glob(f"{phase}_*.sql") if not p.name.endswith("_preconditions.sql")),
+                     reverse=True))
+
+
+def apply(db, files, psql=psql) -> str:
+    """Run the files in order with psql (runner mode); fail with psql's output on the first error.
+    Returns all output."""
+    out = []
+    for f in files:
+        r = psql(db, f)
+        out.append(r.stdout + r.stderr)
+        assert r.returncode == 0, f"{f.name} failed:\n{r.stdout}\n{r.stderr}"
+    return "\n".join(out)
+
+
 @pytest.fixture(scope="session")
 def pg_server():
     # Not pytest's tmp_path: it is 0700 under /tmp/pytest-of-root, unreachable for the postgres user.
@@ -121,39 +204,55 @@ def _run_sql_file(db: DbInfo, path: pathlib.Path):
         conn.close()
 
 
+def create_db(pg_server, baseline: bool = True, seed_calls: int = 0, cron: bool = False,
+              name: str | None = None) -> DbInfo:
+    """A fresh database (make_db's, also for module-scoped fixtures: the caller drops it with
+    drop_db(pg_server, db.name)). cron=True recreates the server's pg_cron database
+    (cron.database_name) instead of a uniquely named one: pg_cron can only live in that database."""
+    dbname = pg_server.cron_db if cron else (name or "t_" + uuid.uuid4().hex[:12])
+    su = pg_server.connect("postgres", superuser=True)
+    su.autocommit = True
+    with su.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        cur.execute(f'CREATE DATABASE "{dbname}" OWNER {pg_server.user}')
+    su.close()
+    su = pg_server.connect(dbname, superuser=True)
+    su.autocommit = True
+    with su.cursor() as cur:
+        cur.execute(f"ALTER SCHEMA public OWNER TO {pg_server.user}")
+        cur.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        if cron:
+            cur.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
+            cur.execute(f"GRANT USAGE ON SCHEMA cron TO {pg_server.user}")
+    su.close()
+    db = DbInfo(pg_server, dbname)
+    if baseline:
+        _run_sql_file(db, BASELINE_DIR / "01_schema.sql")
+        if seed_calls:
+            _run_sql_file(db, BASELINE_DIR / "02_demo_data.sql")
+            db.query("SELECT demo.seed(%s)", (seed_calls,))
+    return db
+
+
+def drop_db(pg_server, name: str):
+    su = pg_server.connect("postgres", superuser=True)
+    su.autocommit = True
+    try:
+        with su.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        su.close()
+
+
 @pytest.fixture
 def make_db(pg_server):
-    """Factory for fresh databases, dropped at teardown.
-
-    cron=True recreates the server's pg_cron database (cron.database_name) instead of a
-    uniquely named one: pg_cron can only live in that database."""
+    """Factory for fresh databases (create_db), dropped at teardown."""
     created: list[str] = []
 
     def _make(baseline: bool = True, seed_calls: int = 0, cron: bool = False, name: str | None = None) -> DbInfo:
         dbname = pg_server.cron_db if cron else (name or "t_" + uuid.uuid4().hex[:12])
-        su = pg_server.connect("postgres", superuser=True)
-        su.autocommit = True
-        with su.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-            cur.execute(f'CREATE DATABASE "{dbname}" OWNER {pg_server.user}')
-        su.close()
-        su = pg_server.connect(dbname, superuser=True)
-        su.autocommit = True
-        with su.cursor() as cur:
-            cur.execute(f"ALTER SCHEMA public OWNER TO {pg_server.user}")
-            cur.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-            if cron:
-                cur.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
-                cur.execute(f"GRANT USAGE ON SCHEMA cron TO {pg_server.user}")
-        su.close()
-        created.append(dbname)
-        db = DbInfo(pg_server, dbname)
-        if baseline:
-            _run_sql_file(db, BASELINE_DIR / "01_schema.sql")
-            if seed_calls:
-                _run_sql_file(db, BASELINE_DIR / "02_demo_data.sql")
-                db.query("SELECT demo.seed(%s)", (seed_calls,))
-        return db
+        created.append(dbname)  # dropped at teardown even when loading the schema fails
+        return create_db(pg_server, baseline=baseline, seed_calls=seed_calls, cron=cron, name=dbname)
 
     yield _make
     su = pg_server.connect("postgres", superuser=True)

@@ -350,7 +350,7 @@ def test_lookup_reads_phase_in_order_with_rollbacks(sql_dir):
 
 def test_lookup_real_phase1_pairs_every_file():
     migs = playbook_runner.lookup_migrations("001")
-    assert [m["version"] for m in migs] == ["001_01", "001_02", "001_03"]
+    assert [m["version"] for m in migs] == ["001_01", "001_02", "001_03", "001/01_monitoring_views"]
     assert all(m["rollback_sql"] for m in migs)
     assert all(sql.checksum(m["sql"]) == sql.checksum((REPO / m["path"]).read_text()) for m in migs)
 
@@ -399,13 +399,17 @@ class FakeModule:
         self.params, self.check_mode = base, check_mode
 
 
-def mig(version, sql_text="SELECT 1;", rollback=None):
-    return dict(version=version, name="n" + version.replace("_", ""), path="files/sql/%s_x.sql" % version,
-                sql=sql_text, rollback_sql=rollback)
+def mig(version, sql_text="SELECT 1;", rollback=None, kind="versioned"):
+    return dict(kind=kind, version=version, name="n" + version.replace("_", "").replace("/", ""),
+                path="files/sql/%s_x.sql" % version, sql=sql_text, rollback_sql=rollback)
 
 
 def runner(check_mode=False, **params):
     return CODE.dbops_migrate.Runner(FakeModule(check_mode, **params))
+
+
+def plan(migs, ledger, repeatables=None):
+    return CODE.dbops_migrate.Plan(migs, ledger, repeatables or {})
 
 
 def test_migrate_rejects_duplicate_versions():
@@ -420,30 +424,96 @@ def test_migrate_rejects_incomplete_migrations():
         r.run()
 
 
+def test_migrate_rejects_an_unknown_kind():
+    r = runner(migrations=[mig("001_01", kind="sometimes")])
+    with pytest.raises(CODE.dbops_migrate.MigrationError, match="unknown migration kind 'sometimes'"):
+        r.run()
+
+
 def test_migrate_refuses_checksum_drift_naming_the_file():
     applied = mig("001_01", "SELECT 1;")
     ledger = {"001_01": dict(checksum=sql.checksum("SELECT 0;"), applied_at="2026-01-01", applied_by="op")}
     with pytest.raises(CODE.dbops_migrate.MigrationError) as err:
-        runner(check_mode=True).apply([applied, mig("001_02")], ledger)
+        runner(check_mode=True).apply(plan([applied, mig("001_02")], ledger))
     assert "refusing to continue" in str(err.value) and "files/sql/001_01_x.sql" in str(err.value)
+
+
+def test_migrate_restamps_a_superseded_checksum_instead_of_refusing():
+    old = "SELECT 0;"
+    new = "-- dbops:supersedes sha256:%s\nSELECT 1;" % sql.checksum(old)
+    ledger = {"001_01": dict(checksum=sql.checksum(old), applied_at="t", applied_by="op")}
+    res = runner(check_mode=True).apply(plan([mig("001_01", new)], ledger))
+    assert res["changed"] and res["restamped"] == ["001_01"] and res["pending"] == []
+    other = "-- dbops:supersedes sha256:%s\nSELECT 1;" % sql.checksum("SELECT 2;")
+    with pytest.raises(CODE.dbops_migrate.MigrationError, match="refusing to continue"):
+        runner(check_mode=True).apply(plan([mig("001_01", other)], ledger))
 
 
 def test_migrate_plan_in_check_mode_needs_no_database():
     ledger = {"001_01": dict(checksum=sql.checksum("SELECT 1;"), applied_at="t", applied_by="op")}
-    res = runner(check_mode=True).apply([mig("001_01"), mig("001_02"), mig("001_03")], ledger)
+    res = runner(check_mode=True).apply(plan([mig("001_01"), mig("001_02"), mig("001_03")], ledger))
     assert res["changed"] and res["pending"] == ["001_02", "001_03"] and res["applied"] == []
-    res = runner(check_mode=True).apply([mig("001_01")], ledger)
+    res = runner(check_mode=True).apply(plan([mig("001_01")], ledger))
     assert not res["changed"] and res["pending"] == []
+
+
+def test_migrate_repeatables_run_when_new_changed_or_rolled_back():
+    ledger = {"001_01": dict(checksum=sql.checksum("SELECT 1;"), applied_at="t", applied_by="op")}
+    reps = [mig("001/01_a", "SELECT 'a';", kind="repeatable"), mig("001/02_b", "SELECT 'b';", kind="repeatable"),
+            mig("001/03_c", "SELECT 'c';", kind="repeatable"), mig("001/04_d", "SELECT 'd';", kind="repeatable")]
+    rows = {"001/01_a": dict(checksum=sql.checksum("SELECT 'a';"), action="applied"),
+            "001/02_b": dict(checksum=sql.checksum("SELECT 'old b';"), action="applied"),
+            "001/03_c": dict(checksum=sql.checksum("SELECT 'c';"), action="rolled_back")}
+    res = runner(check_mode=True).apply(plan([mig("001_01")] + reps, ledger, rows))
+    assert res["pending"] == ["001/02_b", "001/03_c", "001/04_d"] == res["repeatable_pending"]
+    rows.update({k: dict(checksum=sql.checksum(m["sql"]), action="applied") for k, m in
+                 (("001/02_b", reps[1]), ("001/03_c", reps[2]), ("001/04_d", reps[3]))})
+    assert runner(check_mode=True).apply(plan([mig("001_01")] + reps, ledger, rows))["changed"] is False
+
+
+def test_migrate_names_retired_rows_of_the_phase():
+    ledger = {v: dict(checksum=sql.checksum("SELECT 1;"), applied_at="t", applied_by="op")
+              for v in ("001_01", "002_01", "002_03")}
+    res = runner(check_mode=True).apply(plan([mig("002_01")], ledger))
+    assert res["retired"] == ["002_03"] and not res["changed"]
 
 
 def test_migrate_rollback_plan_newest_first_and_needs_rollback_sql():
     ledger = {"001_01": {}, "001_02": {}}
     migs = [mig("001_01", rollback="SELECT -1;"), mig("001_02", rollback="SELECT -2;"), mig("001_03")]
-    res = runner(check_mode=True).rollback(migs, ledger)
+    res = runner(check_mode=True).rollback(plan(migs, ledger))
     assert res["pending"] == ["001_02", "001_01"] and res["changed"]
     with pytest.raises(CODE.dbops_migrate.MigrationError, match="no rollback SQL for 001_03"):
-        runner(check_mode=True, include_unrecorded=True).rollback(migs, ledger)
-    assert runner(check_mode=True).rollback(migs, {})["changed"] is False
+        runner(check_mode=True, include_unrecorded=True).rollback(plan(migs, ledger))
+    assert runner(check_mode=True).rollback(plan(migs, {}))["changed"] is False
+
+
+def test_migrate_rollback_undoes_code_before_state():
+    migs = [mig("002_01", rollback="SELECT -1;"), mig("002/01_x", kind="repeatable", rollback="SELECT -3;"),
+            mig("002/02_y", kind="repeatable", rollback="SELECT -4;")]
+    res = runner(check_mode=True).rollback(plan(migs, {"002_01": {}}))
+    assert res["pending"] == ["002/02_y", "002/01_x", "002_01"]
+    migs[2]["rollback_sql"] = None
+    with pytest.raises(CODE.dbops_migrate.MigrationError, match="files/sql/rollback/repeatable/"):
+        runner(check_mode=True).rollback(plan(migs, {"002_01": {}}))
+
+
+def test_lookup_reads_repeatables_and_preconditions(tmp_path):
+    (tmp_path / "rollback" / "repeatable" / "002").mkdir(parents=True)
+    (tmp_path / "repeatable" / "002").mkdir(parents=True)
+    (tmp_path / "002_01_state.sql").write_text("CREATE TABLE t ();")
+    (tmp_path / "rollback" / "002_preconditions.sql").write_text("SELECT 'guard';")
+    (tmp_path / "repeatable" / "002" / "02_b.sql").write_text("SELECT 'b';")
+    (tmp_path / "repeatable" / "002" / "01_a.sql").write_text("SELECT 'a';")
+    (tmp_path / "rollback" / "repeatable" / "002" / "01_a.sql").write_text("SELECT '-a';")
+    migs = playbook_runner.lookup_migrations("002", tmp_path)
+    assert [(m["kind"], m["version"]) for m in migs] == [
+        ("versioned", "002_01"), ("precondition", "002/preconditions"), ("repeatable", "002/01_a"),
+        ("repeatable", "002/02_b")]
+    assert migs[2]["rollback_sql"] == "SELECT '-a';" and migs[3]["rollback_sql"] is None
+    (tmp_path / "repeatable" / "002" / "3_bad.sql").write_text("SELECT 1;")
+    with pytest.raises(AnsibleError, match="bad repeatable file name"):
+        playbook_runner.lookup_migrations("002", tmp_path)
 
 
 def test_run_lock_refusal_names_holder_and_how_to_override():

@@ -12,24 +12,23 @@ the rollback gives back the baseline exactly.
 """
 from __future__ import annotations
 
-import os
+import functools
 import pathlib
-import shutil
-import subprocess
 import time
 
 import psycopg2
 import pytest
 
+from conftest import NO_TX_MARKER, PSQL, apply, phase_rollback_sql, phase_sql
+from conftest import psql as run_psql
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SQL_DIR = REPO / "files" / "sql"
-PHASE1 = sorted(SQL_DIR.glob("001_*.sql"))
-ROLLBACK1 = sorted((SQL_DIR / "rollback").glob("001_*.sql"), reverse=True)
+PHASE1 = phase_sql("001")
+ROLLBACK1 = phase_rollback_sql("001")
 # Read-only checks (also run by the verify role in production) + the maintenance ones (tests only).
-GUIDE_QUERIES = sorted([*(REPO / "files" / "sql" / "checks" / "001").glob("*.sql"),
+GUIDE_QUERIES = sorted([*(REPO / "roles" / "verify" / "files" / "checks" / "001").glob("*.sql"),
                         *(REPO / "tests" / "guide_queries" / "phase1").glob("*.sql")])
-NO_TX_MARKER = "-- dbops:no-transaction"
-PSQL = next((p for p in ("/usr/lib/postgresql/15/bin/psql", shutil.which("psql")) if p and os.path.exists(p)), None)
 
 INDEXES = {  # name -> (table, access method)
     "bcfy_calls_raw_pending_idx": ("bcfy_calls_raw", "btree"),
@@ -63,40 +62,9 @@ pytestmark = pytest.mark.skipif(PSQL is None, reason="psql not installed")
 
 @pytest.fixture
 def psql(tmp_path):
-    """psql(db, file_or_sql, *, runner_mode=True) -> CompletedProcess (never raises on SQL errors).
-
-    runner_mode: one transaction (-1) unless the file starts with the no-transaction marker.
-    The password travels in a 0600 pgpass file, never on a command line."""
-    pgpass = tmp_path / "pgpass"
-
-    def run(db, target, runner_mode: bool = True, superuser: bool = False) -> subprocess.CompletedProcess:
-        user = "postgres" if superuser else db.user
-        password = db.server.su_password if superuser else db.password
-        pgpass.write_text(f"{db.host}:{db.port}:{db.name}:{user}:{password}\n")
-        pgpass.chmod(0o600)
-        cmd = [PSQL, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", db.host, "-p", str(db.port),
-               "-U", user, "-d", db.name]
-        if isinstance(target, pathlib.Path):
-            if runner_mode and not target.read_text().startswith(NO_TX_MARKER):
-                cmd.append("-1")
-            cmd += ["-f", str(target)]
-        else:
-            cmd += ["-c", target]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env.update(PGPASSFILE=str(pgpass), PGOPTIONS="-c lock_timeout=2s", PGCONNECT_TIMEOUT="10")
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-
-    return run
-
-
-def apply(psql, db, files) -> str:
-    """Run the files in order; fail with psql's output on the first error. Returns all output."""
-    out = []
-    for f in files:
-        r = psql(db, f)
-        out.append(r.stdout + r.stderr)
-        assert r.returncode == 0, f"{f.name} failed:\n{r.stdout}\n{r.stderr}"
-    return "\n".join(out)
+    """conftest.psql (db, file_or_sql, *, runner_mode=True, superuser=False) -> CompletedProcess,
+    never raising on SQL errors, with its pgpass file in the test's tmp_path."""
+    return functools.partial(run_psql, tmpdir=tmp_path)
 
 
 def snapshot(db) -> dict:
@@ -127,14 +95,16 @@ def seeded_db(make_db):
 
 @pytest.fixture
 def phase1_db(seeded_db, psql):
-    seeded_db.phase1_output = apply(psql, seeded_db, PHASE1)
+    seeded_db.phase1_output = apply(seeded_db, PHASE1, psql)
     return seeded_db
 
 
 def test_files_pair_with_rollbacks():
-    assert [f.name for f in PHASE1] == ["001_01_indexes.sql", "001_02_check_constraints.sql",
-                                        "001_03_monitoring.sql"]
-    assert sorted(f.name for f in ROLLBACK1) == [f.name for f in PHASE1]
+    assert [f.relative_to(SQL_DIR).as_posix() for f in PHASE1] == [
+        "001_01_indexes.sql", "001_02_check_constraints.sql", "001_03_monitoring.sql",
+        "repeatable/001/01_monitoring_views.sql"]
+    assert sorted(f.relative_to(SQL_DIR / "rollback").as_posix() for f in ROLLBACK1) == sorted(
+        f.relative_to(SQL_DIR).as_posix() for f in PHASE1)
     for f in PHASE1 + ROLLBACK1:
         text = f.read_text()
         # Concurrent builds cannot run in a transaction; every other multi-table change is in one.
@@ -285,13 +255,13 @@ def test_guide_queries_run(phase1_db, psql):
 
 
 def test_guide_monitoring_views_count(phase1_db, psql):
-    r = psql(phase1_db, REPO / "files/sql/checks/001/04_verify_monitoring_views.sql", runner_mode=False)
+    r = psql(phase1_db, REPO / "roles/verify/files/checks/001/04_verify_monitoring_views.sql", runner_mode=False)
     assert "(7 rows)" in r.stdout
 
 
 def test_second_run_changes_nothing(phase1_db, psql):
     before = snapshot(phase1_db)
-    out = apply(psql, phase1_db, PHASE1)
+    out = apply(phase1_db, PHASE1, psql)
     assert "Phase 1 Migration Complete! ✓" in out
     assert snapshot(phase1_db) == before
 
@@ -299,14 +269,14 @@ def test_second_run_changes_nothing(phase1_db, psql):
 def test_resume_after_failed_validation(seeded_db, psql):
     """Bad data stops VALIDATE; the constraint stays NOT VALID (still checks new rows); after the
     data is fixed the same file completes."""
-    apply(psql, seeded_db, PHASE1[:1])
+    apply(seeded_db, PHASE1[:1], psql)
     seeded_db.query("UPDATE transcripts SET confidence = 1.2 WHERE id = (SELECT min(id) FROM transcripts)")
     r = psql(seeded_db, PHASE1[1])
     assert r.returncode != 0 and "transcripts_confidence_check" in r.stderr
     assert seeded_db.scalar(
         "SELECT convalidated FROM pg_constraint WHERE conname = 'transcripts_confidence_check'") is False
     seeded_db.query("UPDATE transcripts SET confidence = 1 WHERE confidence > 1")
-    out = apply(psql, seeded_db, PHASE1[1:])
+    out = apply(seeded_db, PHASE1[1:], psql)
     assert "Phase 1 Migration Complete! ✓" in out
 
 
@@ -321,7 +291,7 @@ def test_btree_kept_while_gin_is_invalid(seeded_db, psql):
     assert seeded_db.scalar("SELECT to_regclass('public.transcripts_tsv_idx') IS NOT NULL")
     # What the runner does before retrying: drop the invalid index; then the file completes.
     psql(seeded_db, "DROP INDEX CONCURRENTLY public.transcripts_tsv_gin_idx")
-    apply(psql, seeded_db, PHASE1[:1])
+    apply(seeded_db, PHASE1[:1], psql)
     assert seeded_db.scalar("SELECT to_regclass('public.transcripts_tsv_idx')") is None
 
 
@@ -335,21 +305,21 @@ def test_monitoring_file_refuses_an_incomplete_phase(baseline_db, psql):
 
 def test_rollback_restores_baseline(seeded_db, psql):
     baseline = snapshot(seeded_db)
-    apply(psql, seeded_db, PHASE1)
-    out = apply(psql, seeded_db, ROLLBACK1)
+    apply(seeded_db, PHASE1, psql)
+    out = apply(seeded_db, ROLLBACK1, psql)
     assert "transcripts_tsv_idx restored" in out and "monitoring schema removed" in out
     assert snapshot(seeded_db) == baseline          # indexes, constraints, no monitoring, extensions
     assert seeded_db.scalar("SELECT to_regnamespace('monitoring')") is None
     assert seeded_db.scalar("SELECT count(*) FROM pg_extension WHERE extname = 'pg_stat_statements'") == 1
-    apply(psql, seeded_db, ROLLBACK1)              # idempotent
+    apply(seeded_db, ROLLBACK1, psql)              # idempotent
     assert snapshot(seeded_db) == baseline
-    apply(psql, seeded_db, PHASE1)                 # and Phase 1 can be applied again
+    apply(seeded_db, PHASE1, psql)                 # and Phase 1 can be applied again
     assert seeded_db.scalar("SELECT to_regclass('public.transcripts_tsv_gin_idx') IS NOT NULL")
 
 
 def test_rollback_keeps_foreign_objects_in_monitoring(phase1_db, psql):
     phase1_db.query("CREATE TABLE monitoring.someone_elses (id int)")
-    out = apply(psql, phase1_db, ROLLBACK1)
+    out = apply(phase1_db, ROLLBACK1, psql)
     assert "monitoring schema kept" in out
     assert phase1_db.scalar("SELECT count(*) FROM pg_class WHERE relnamespace = 'monitoring'::regnamespace") == 1
 
@@ -359,7 +329,7 @@ def test_slow_queries_without_pg_stat_statements(make_db, psql):
     slow_queries that says why; once an admin creates the extension, the same view has rows."""
     db = make_db(baseline=True)
     db.query("DROP EXTENSION pg_stat_statements", superuser=True)
-    out = apply(psql, db, PHASE1)
+    out = apply(db, PHASE1, psql)
     assert "pg_stat_statements not created" in out and "Phase 1 Migration Complete! ✓" in out
     conn = db.connect()
     conn.autocommit = True

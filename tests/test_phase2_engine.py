@@ -30,16 +30,16 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
+from conftest import NO_TX_MARKER, PSQL, apply, phase_rollback_sql, phase_sql, psql
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SQL_DIR = REPO / "files" / "sql"
-PHASE1 = sorted(SQL_DIR.glob("001_*.sql"))
-PHASE2 = sorted(SQL_DIR.glob("002_*.sql"))
-ROLLBACK2 = sorted((SQL_DIR / "rollback").glob("002_*.sql"), reverse=True)
-# Read-only checks also run by the verify role (files/sql/checks/002) + stage-specific / writing ones (tests only).
-GUIDE2 = sorted([*(REPO / "files" / "sql" / "checks" / "002").glob("*.sql"),
+PHASE1 = phase_sql("001")
+PHASE2 = phase_sql("002")
+ROLLBACK2 = phase_rollback_sql("002")
+# Read-only checks also run by the verify role (roles/verify/files/checks/002) + stage-specific / writing ones (tests only).
+GUIDE2 = sorted([*(REPO / "roles" / "verify" / "files" / "checks" / "002").glob("*.sql"),
                  *(REPO / "tests" / "guide_queries" / "phase2").glob("*.sql")], key=lambda p: p.name)
-NO_TX_MARKER = "-- dbops:no-transaction"
-PSQL = next((p for p in ("/usr/lib/postgresql/15/bin/psql", shutil.which("psql")) if p and os.path.exists(p)), None)
 SQUAWK = next((p for p in (str(REPO / ".venv" / "bin" / "squawk"), shutil.which("squawk")) if p and os.path.exists(p)), None)
 TABLES = ["bcfy_calls_raw", "transcripts", "api_call_metrics", "system_logs"]
 
@@ -49,35 +49,6 @@ pytestmark = pytest.mark.skipif(PSQL is None, reason="psql not installed")
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def psql(db, target, runner_mode: bool = True, tmpdir: pathlib.Path | None = None) -> subprocess.CompletedProcess:
-    """Run a file (runner semantics) or a command with psql; never raises on SQL errors."""
-    pgpass = (tmpdir or pathlib.Path("/tmp")) / f"pgpass-{os.getpid()}-{threading.get_ident()}"
-    pgpass.write_text(f"{db.host}:{db.port}:{db.name}:{db.user}:{db.password}\n")
-    pgpass.chmod(0o600)
-    cmd = [PSQL, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", db.host, "-p", str(db.port), "-U", db.user, "-d", db.name]
-    if isinstance(target, pathlib.Path):
-        if runner_mode and not target.read_text().startswith(NO_TX_MARKER):
-            cmd.append("-1")
-        cmd += ["-f", str(target)]
-    else:
-        cmd += ["-c", target]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(PGPASSFILE=str(pgpass), PGOPTIONS="-c lock_timeout=2s", PGCONNECT_TIMEOUT="10")
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    finally:
-        pgpass.unlink(missing_ok=True)
-
-
-def apply(db, files) -> str:
-    out = []
-    for f in files:
-        r = psql(db, f)
-        out.append(r.stdout + r.stderr)
-        assert r.returncode == 0, f"{f.name} failed:\n{r.stdout}\n{r.stderr}"
-    return "\n".join(out)
-
-
 def call(db, sql: str, params=None, lock_timeout: str = "300ms", retries: int = 60):
     """One engine step on a fresh autocommit connection (like an Ansible task); retried with
     backoff on lock_not_available. Returns the first column of the first row."""
@@ -377,9 +348,10 @@ def check_writes(db, ws):
 # tests
 # ---------------------------------------------------------------------------------------------
 def test_files_and_rollbacks_pair():
-    assert [f.name for f in PHASE2] == ["002_01_partition_engine.sql", "002_02_calls_app_key.sql",
-                                        "002_03_faster_backfill_and_verify.sql"]
-    assert sorted(f.name for f in ROLLBACK2) == [f.name for f in PHASE2]
+    assert [f.name for f in PHASE2 if f.parent == SQL_DIR] == ["002_01_partition_engine.sql",
+                                                               "002_02_calls_app_key.sql"]
+    assert sorted(f.relative_to(SQL_DIR / "rollback").as_posix() for f in ROLLBACK2) == sorted(
+        [f.relative_to(SQL_DIR).as_posix() for f in PHASE2] + ["002_preconditions.sql"])
     for f in PHASE2 + ROLLBACK2:
         text = f.read_text()
         assert ("CONCURRENTLY" in text) <= text.startswith(NO_TX_MARKER), f.name
@@ -713,10 +685,11 @@ def test_truncate_blocked_during_conversion(engine_db):
 
 def test_prepare_requires_app_key_index(make_db):
     db = make_db(baseline=True, seed_calls=200)
-    apply(db, PHASE2[:1])
+    app_key = [f for f in PHASE2 if f.name == "002_02_calls_app_key.sql"]
+    apply(db, [f for f in PHASE2 if f not in app_key])
     with pytest.raises(psycopg2.errors.RaiseException, match="bcfy_calls_raw_call_uid_started_at_key"):
         db.query("SELECT dbops.p2_prepare('bcfy_calls_raw')")
-    apply(db, PHASE2[1:])
+    apply(db, app_key)
     assert prepare(db, "bcfy_calls_raw")["status"] == "prepared"
     assert prepare(db, "bcfy_calls_raw")["status"] == "already prepared"
 
@@ -817,14 +790,14 @@ def test_cleanup_old_data(engine_db):
 
 def test_install_idempotent_and_rollback_files(engine_db):
     db = engine_db
-    assert "ERROR" not in apply(db, PHASE2[:1])   # second run of the engine file
+    assert "ERROR" not in apply(db, PHASE2[2:])   # second run of the engine's code
     rb = {f.name: f for f in ROLLBACK2}
     prepare(db, "bcfy_calls_raw")
     r = psql(db, rb["002_02_calls_app_key.sql"])   # the ingester's arbiter stays while calls convert
     assert r.returncode != 0 and "being converted" in r.stderr
     call(db, "SELECT dbops.p2_abort('bcfy_calls_raw')")
     convert(db, "api_call_metrics")
-    r = psql(db, rb["002_01_partition_engine.sql"])
+    r = psql(db, rb["002_preconditions.sql"])
     assert r.returncode != 0 and "refused" in r.stderr
     call(db, "SELECT dbops.p2_rollback('api_call_metrics')")
     call(db, "SELECT dbops.p2_abort('api_call_metrics')")

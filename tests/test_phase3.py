@@ -23,7 +23,8 @@ import pytest
 import shutil
 import subprocess
 
-from playbook_runner import REPO, ROLLBACK, create_db, db_state, drop_db, lookup_migrations, migrate_direct, run_playbook
+from conftest import create_db, drop_db, phase_rollback_sql, phase_sql
+from playbook_runner import REPO, ROLLBACK, db_state, ledger, lookup_migrations, migrate_direct, run_playbook
 
 SEED_CALLS = 3000
 SQL_DIR = REPO / "files" / "sql"
@@ -56,11 +57,6 @@ def schema_state(db) -> dict:
     state["functions"] = db.query("SELECT p.oid::regprocedure::text FROM pg_proc p "
                                   "WHERE p.proname IN ('get_pipeline_stats', 'get_stuck_processing_items') ORDER BY 1")
     return state
-
-
-def ledger(db, prefix: str) -> list:
-    return [v for (v,) in db.query("SELECT version FROM dbops.schema_migrations WHERE version LIKE %s ORDER BY 1",
-                                   (prefix + "%",))]
 
 
 def constraint_state(db, table: str) -> dict:
@@ -134,10 +130,11 @@ def recent_call(db) -> str:
 
 def test_files_paired_and_squawk_clean():
     migs = lookup_migrations("003")
-    assert [m["version"] + "_" + m["name"] for m in migs] == [
-        "003_01_columns", "003_02_constraints", "003_03_pipeline_monitoring"]
+    assert [m["path"] for m in migs] == [
+        "files/sql/003_01_columns.sql", "files/sql/003_02_constraints.sql", "files/sql/003_03_pipeline_monitoring.sql",
+        "files/sql/repeatable/003/01_pipeline_monitoring.sql"]
     assert all(m["rollback_sql"] for m in migs), "every Phase 3 file has its rollback"
-    files = sorted(SQL_DIR.glob("003_*.sql")) + sorted((SQL_DIR / "rollback").glob("003_*.sql"))
+    files = phase_sql("003") + phase_rollback_sql("003")
     squawk = shutil.which("squawk", path=str(REPO / ".venv" / "bin"))
     if squawk:
         r = subprocess.run([squawk, *map(str, files)], capture_output=True, text=True, cwd=REPO)

@@ -1,17 +1,6 @@
--- Rollback of Phase 1 / step 3: drop the monitoring views and their helper function, then the
--- monitoring schema if nothing else lives in it. No CASCADE: an object someone built on these
--- views makes the rollback stop with an error that names it, instead of silently disappearing.
--- pg_stat_statements is kept (other tools use it; dropping it would discard its statistics).
--- squawk-ignore-file ban-drop-view, ban-drop-function -- a rollback: it removes exactly the Phase 1 monitoring objects
-
-DROP VIEW IF EXISTS monitoring.slow_queries;
-DROP FUNCTION IF EXISTS monitoring.pg_stat_statements_current_db();
-DROP VIEW IF EXISTS monitoring.database_size;
-DROP VIEW IF EXISTS monitoring.long_running_queries;
-DROP VIEW IF EXISTS monitoring.connections;
-DROP VIEW IF EXISTS monitoring.table_bloat;
-DROP VIEW IF EXISTS monitoring.index_usage;
-DROP VIEW IF EXISTS monitoring.table_health;
+-- Rollback of Phase 1 / step 3: the monitoring schema, if nothing else lives in it (the views were
+-- dropped before, by rollback/repeatable/001/). pg_stat_statements is kept (other tools use it;
+-- dropping it would discard its statistics).
 
 DO $$
 BEGIN

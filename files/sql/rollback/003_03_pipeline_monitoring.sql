@@ -1,14 +1,6 @@
--- Rollback of Phase 3 / step 3: drop the pipeline monitoring views and functions, in one transaction.
--- No CASCADE: an object someone built on them makes the rollback stop with an error naming it.
+-- Rollback of Phase 3 / step 3 (after rollback/repeatable/003/ dropped the views and functions).
 -- The monitoring schema stays unless Phase 3 left it empty (Phase 1 owns it; when Phase 1 was
 -- skipped, 003_03 created it).
--- squawk-ignore-file ban-drop-view, ban-drop-function -- a rollback: it removes exactly the Phase 3 monitoring objects
-
-DROP VIEW IF EXISTS monitoring.playlist_sync_health;
-DROP VIEW IF EXISTS monitoring.processing_pipeline_status;
-DROP VIEW IF EXISTS monitoring.pipeline_stats;
-DROP FUNCTION IF EXISTS public.get_stuck_processing_items(interval, interval, integer);
-DROP FUNCTION IF EXISTS public.get_pipeline_stats(interval);
 
 DO $$
 BEGIN

@@ -13,6 +13,7 @@ import hashlib
 import re
 
 NO_TRANSACTION = "-- dbops:no-transaction"
+_SUPERSEDES = re.compile(r"^--\s*dbops:supersedes\s+sha256:([0-9a-f]{64})\s*$", re.MULTILINE)
 
 _DOLLAR = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$")
 _CIC = re.compile(
@@ -25,6 +26,13 @@ _CIC = re.compile(
 def checksum(sql: str) -> str:
     """sha256 of the file text with line endings normalised (CRLF checkouts keep their checksum)."""
     return hashlib.sha256(sql.replace("\r\n", "\n").encode("utf-8")).hexdigest()
+
+
+def supersedes(sql: str) -> list:
+    """Checksums declared by ``-- dbops:supersedes sha256:<hex>`` lines: earlier texts of the same
+    versioned file whose effect includes everything this text creates (a ledger row holding one of
+    them is re-stamped with the new checksum instead of being refused as drift)."""
+    return _SUPERSEDES.findall(sql.replace("\r\n", "\n"))
 
 
 def is_no_transaction(sql: str) -> bool:

@@ -5,12 +5,20 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: migrate
-short_description: Apply versioned SQL migrations through a ledger, with lock_timeout and retries
+short_description: Apply versioned and repeatable SQL through a ledger, with lock_timeout and retries
 description:
-  - Reads the ledger table C(<ledger_schema>.schema_migrations) and applies, in order, only the
-    migrations that are not recorded there; records each one (version, checksum, duration, who,
+  - Versioned migrations (C(kind=versioned), state such as tables and indexes) are applied once, in
+    order, and recorded in C(<ledger_schema>.schema_migrations) (version, checksum, duration, who,
     when, run id) in the same transaction as the file when the file is transactional.
-  - Refuses to continue when an applied migration's checksum differs from the file.
+  - Refuses to continue when an applied migration's checksum differs from the file, unless the file
+    declares that checksum on a line C(-- dbops:supersedes sha256:<hex>). Such a row is re-stamped
+    (new checksum, the old one kept in C(superseded_checksums)) and nothing is re-run.
+  - Repeatable files (C(kind=repeatable), code such as functions and views) run after the versioned
+    ones, each in one transaction, whenever their checksum differs from their last row in
+    C(<ledger_schema>.schema_repeatables) (an append-only history), and are recorded there.
+  - Rolling back runs the C(kind=precondition) SQL first (it refuses by raising), then the
+    repeatable files' rollbacks (newest first), then the versioned ones'; ledger rows of the
+    phase whose file no longer exists (retired) are removed with it.
   - A file whose first line is C(-- dbops:no-transaction) runs statement by statement in
     autocommit (for CREATE INDEX CONCURRENTLY); before a
     C(CREATE INDEX CONCURRENTLY IF NOT EXISTS name) the INVALID index a failed build left behind
@@ -21,7 +29,9 @@ description:
   - In check mode nothing is written; the pending (or to-be-rolled-back) versions are returned.
 options:
   migrations:
-    description: Ordered list of migrations (version, name, sql; rollback_sql for state=rolled_back).
+    description:
+      - Ordered list of migrations (kind, version, name, sql; rollback_sql for state=rolled_back), as the
+        scanner.dbops.migrations lookup returns them. kind defaults to C(versioned).
     type: list
     elements: dict
     required: true
@@ -31,6 +41,7 @@ options:
     choices: [applied, rolled_back]
     default: applied
   ledger_schema:
+    description: Schema of the ledger tables.
     type: str
     default: dbops
   lock_timeout:
@@ -45,6 +56,7 @@ options:
     type: str
     default: 5min
   statement_timeout:
+    description: PostgreSQL statement_timeout for every statement (C(0) = none).
     type: str
     default: "0"
   retries:
@@ -60,6 +72,7 @@ options:
     type: bool
     default: false
   run_id:
+    description: The run's id, recorded in the ledger.
     type: str
     default: ""
   applied_by:
@@ -73,7 +86,10 @@ notes:
 """
 
 RETURN = r"""
-pending: {description: versions pending (or to roll back) before this run, type: list}
+pending: {description: versions and repeatable files pending (or to roll back) before this run, type: list}
+repeatable_pending: {description: the repeatable files among them, type: list}
+restamped: {description: versioned rows re-stamped (a superseded checksum), type: list}
+retired: {description: ledger rows of the phase whose file no longer exists, type: list}
 applied: {description: per migration run, version/name/duration_ms/statements/retries/execution, type: list}
 notices: {description: PostgreSQL notices raised while running, type: list}
 ledger: {description: ledger rows after the run, type: list}
@@ -86,7 +102,8 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.scanner.dbops.plugins.module_utils.pg import (CONNECTION_ARGSPEC, HAS_PSYCOPG2, connect,
                                            pg_error_text, with_retries)
 from ansible_collections.scanner.dbops.plugins.module_utils.sql import (checksum, concurrent_index, is_concurrent,
-                                            is_no_transaction, split_statements)
+                                                                         is_no_transaction, split_statements,
+                                                                         supersedes)
 
 try:
     import psycopg2
@@ -108,7 +125,24 @@ CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
 );
 COMMENT ON TABLE {schema}.schema_migrations IS
     'scanner-dbops migration ledger: one row per applied files/sql/NNN_MM_*.sql (checksum = sha256 of the file)';
+ALTER TABLE {schema}.schema_migrations ADD COLUMN IF NOT EXISTS superseded_checksums text [] NOT NULL DEFAULT '{{}}';
+CREATE TABLE IF NOT EXISTS {schema}.schema_repeatables (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name        text NOT NULL,
+    checksum    text NOT NULL,
+    action      text NOT NULL CHECK (action IN ('applied', 'rolled_back')),
+    applied_at  timestamptz NOT NULL DEFAULT now(),
+    applied_by  text NOT NULL,
+    duration_ms bigint NOT NULL,
+    run_id      text
+);
+CREATE INDEX IF NOT EXISTS schema_repeatables_name_id_idx ON {schema}.schema_repeatables (name, id);
+COMMENT ON TABLE {schema}.schema_repeatables IS
+    'scanner-dbops ledger of repeatable files (files/sql/repeatable/NNN/*.sql): one row each time one is applied or rolled back; the last row per name is its state';
 """
+
+
+KINDS = ("versioned", "precondition", "repeatable")
 
 
 class MigrationError(Exception):
@@ -143,16 +177,25 @@ class Runner:
         cur.execute("SET %sstatement_timeout = %%s" % scope, (self.p["statement_timeout"],))
 
     # ---- ledger --------------------------------------------------------------------------
-    def ledger_exists(self):
+    def relation_exists(self, name):
         return self.fetch("SELECT to_regclass(%s) IS NOT NULL",
-                          ("%s.schema_migrations" % pgsql.Identifier(self.schema).as_string(self.conn),))[0][0]
+                          ("%s.%s" % (pgsql.Identifier(self.schema).as_string(self.conn), name),))[0][0]
 
     def ledger_rows(self):
-        if not self.ledger_exists():
+        if not self.relation_exists("schema_migrations"):
             return {}
         rows = self.fetch(self.q("SELECT version, name, checksum, applied_at::text, applied_by, duration_ms, "
                                  "execution, run_id FROM {schema}.schema_migrations ORDER BY version"))
         keys = ("version", "name", "checksum", "applied_at", "applied_by", "duration_ms", "execution", "run_id")
+        return {r[0]: dict(zip(keys, r)) for r in rows}
+
+    def repeatable_rows(self):
+        """The last row of each repeatable file: its state."""
+        if not self.relation_exists("schema_repeatables"):
+            return {}
+        rows = self.fetch(self.q("SELECT DISTINCT ON (name) name, checksum, action, applied_at::text, applied_by "
+                                 "FROM {schema}.schema_repeatables ORDER BY name, id DESC"))
+        keys = ("name", "checksum", "action", "applied_at", "applied_by")
         return {r[0]: dict(zip(keys, r)) for r in rows}
 
     def ensure_ledger(self):
@@ -160,17 +203,35 @@ class Runner:
             cur.execute(self.q(LEDGER_DDL))
         self.conn.notices.drain()  # "schema already exists, skipping" is not news for the operator
 
-    def record_sql(self):
-        return self.q("INSERT INTO {schema}.schema_migrations "
-                      "(version, name, checksum, execution, applied_by, duration_ms, run_id) "
-                      "VALUES (%s, %s, %s, %s, %s, %s, %s)")
-
     def who(self):
         by = self.p["applied_by"] or "unknown"
         return "%s (db role %s)" % (by, self.p["login_user"])
 
+    # ---- what each run writes into the ledger, in the same transaction as the file ----------
+    def record_versioned(self, mig, execution):
+        def op(cur, duration_ms):
+            cur.execute(self.q("INSERT INTO {schema}.schema_migrations "
+                               "(version, name, checksum, execution, applied_by, duration_ms, run_id) "
+                               "VALUES (%s, %s, %s, %s, %s, %s, %s)"),
+                        (mig["version"], mig["name"], checksum(mig["sql"]), execution, self.who(), duration_ms,
+                         self.p["run_id"]))
+        return op
+
+    def delete_versioned(self, mig):
+        def op(cur, duration_ms):
+            cur.execute(self.q("DELETE FROM {schema}.schema_migrations WHERE version = %s"), (mig["version"],))
+        return op
+
+    def record_repeatable(self, mig, action):
+        def op(cur, duration_ms):
+            cur.execute(self.q("INSERT INTO {schema}.schema_repeatables "
+                               "(name, checksum, action, applied_by, duration_ms, run_id) "
+                               "VALUES (%s, %s, %s, %s, %s, %s)"),
+                        (mig["version"], checksum(mig["sql"]), action, self.who(), duration_ms, self.p["run_id"]))
+        return op
+
     # ---- execution -----------------------------------------------------------------------
-    def run_statement(self, version, statement, line, retries_box):
+    def run_statement(self, version, statement, retries_box):
         """Autocommit one statement with lock_timeout + retries; rebuild INVALID CIC leftovers."""
         cic = concurrent_index(statement)
         concurrent = is_concurrent(statement)
@@ -214,30 +275,34 @@ class Runner:
         if not row or not row[0]:
             raise MigrationError("index %s exists but is not valid after CREATE INDEX CONCURRENTLY" % name)
 
-    def apply_one(self, mig, sql_text, record=True, delete=False):
-        """Run one file; record (or delete) its ledger row. Returns a result dict."""
+    def apply_one(self, mig, sql_text, ledger_op=None):
+        """Run one file and, in the same transaction when it has one, its ledger write."""
         version = mig["version"]
         retries_box = [0]
         t0 = time.monotonic()
         statements = split_statements(sql_text)
+
+        def elapsed_ms():
+            return int((time.monotonic() - t0) * 1000)
+
+        def on_retry(n, wait, exc):
+            retries_box[0] += 1
+            self.notices.append("%s | retry %d in %.1fs after: %s" % (version, n, wait, pg_error_text(exc)))
+
         if is_no_transaction(sql_text):
             execution = "statement-by-statement"
             for idx, (stmt, line) in enumerate(statements, 1):
                 try:
-                    self.run_statement(version, stmt, line, retries_box)
+                    self.run_statement(version, stmt, retries_box)
                 except (psycopg2.Error, MigrationError) as exc:
                     raise MigrationError(
                         "%s: statement %d of %d (line %d) failed: %s. The statements before it were applied "
                         "(autocommit file); the file is idempotent: fix the cause and re-run to continue."
                         % (mig.get("path") or version, idx, len(statements), line,
                            pg_error_text(exc) if isinstance(exc, psycopg2.Error) else exc)) from None
-            with self.conn.cursor() as cur:
-                if record:
-                    cur.execute(self.record_sql(), (version, mig["name"], checksum(mig["sql"]), execution,
-                                                    self.who(), int((time.monotonic() - t0) * 1000),
-                                                    self.p["run_id"]))
-                if delete:
-                    cur.execute(self.q("DELETE FROM {schema}.schema_migrations WHERE version = %s"), (version,))
+            if ledger_op:
+                with self.conn.cursor() as cur:
+                    ledger_op(cur, elapsed_ms())
         else:
             execution = "transaction"
 
@@ -247,21 +312,12 @@ class Runner:
                         cur.execute("BEGIN")
                         self.session_settings(cur, local=True)
                         cur.execute(sql_text)
-                        if record:
-                            cur.execute(self.record_sql(), (version, mig["name"], checksum(mig["sql"]), execution,
-                                                            self.who(), int((time.monotonic() - t0) * 1000),
-                                                            self.p["run_id"]))
-                        if delete:
-                            cur.execute(self.q("DELETE FROM {schema}.schema_migrations WHERE version = %s"),
-                                        (version,))
+                        if ledger_op:
+                            ledger_op(cur, elapsed_ms())
                         cur.execute("COMMIT")
                 except BaseException:
                     self.conn.rollback() if not self.conn.autocommit else self._abort()
                     raise
-
-            def on_retry(n, wait, exc):
-                retries_box[0] += 1
-                self.notices.append("%s | retry %d in %.1fs after: %s" % (version, n, wait, pg_error_text(exc)))
 
             try:
                 with_retries(attempt, self.p["retries"], self.p["retry_delay"], on_retry=on_retry)
@@ -270,8 +326,8 @@ class Runner:
                                      % (mig.get("path") or version, pg_error_text(exc))) from None
             finally:
                 self.collect_notices(version)
-        return dict(version=version, name=mig["name"], execution=execution, statements=len(statements),
-                    retries=retries_box[0], duration_ms=int((time.monotonic() - t0) * 1000))
+        return dict(version=version, name=mig["name"], kind=mig.get("kind", "versioned"), execution=execution,
+                    statements=len(statements), retries=retries_box[0], duration_ms=elapsed_ms())
 
     def _abort(self):
         try:
@@ -282,61 +338,130 @@ class Runner:
 
     # ---- entry points --------------------------------------------------------------------
     def run(self):
-        migrations = self.p["migrations"]
+        migrations = [dict(m, kind=m.get("kind") or "versioned") for m in self.p["migrations"]]
         for mig in migrations:
-            for key in ("version", "name", "sql"):
+            if mig["kind"] not in KINDS:
+                raise MigrationError("unknown migration kind %r for %s (expected one of %s)"
+                                     % (mig["kind"], mig.get("version"), ", ".join(KINDS)))
+            needed = ("version", "name") + (("sql",) if mig["kind"] != "precondition" else ("rollback_sql",))
+            for key in needed:
                 if not mig.get(key):
                     raise MigrationError("every migration needs version, name and sql; got keys %s" % sorted(mig))
         versions = [m["version"] for m in migrations]
         if len(set(versions)) != len(versions):
             raise MigrationError("duplicate migration versions: %s" % versions)
-        ledger = self.ledger_rows()
+        plan = Plan(migrations, self.ledger_rows(), self.repeatable_rows())
         if self.p["state"] == "applied":
-            return self.apply(migrations, ledger)
-        return self.rollback(migrations, ledger)
+            return self.apply(plan)
+        return self.rollback(plan)
 
-    def apply(self, migrations, ledger):
-        drift = []
-        for mig in migrations:
-            row = ledger.get(mig["version"])
-            if row and row["checksum"] != checksum(mig["sql"]):
-                drift.append("%s (applied %s by %s, ledger sha256 %s..., file now %s...)"
-                             % (mig.get("path") or mig["version"], row["applied_at"], row["applied_by"],
-                                row["checksum"][:12], checksum(mig["sql"])[:12]))
+    def apply(self, plan):
+        drift, restamp = [], []
+        for mig in plan.versioned:
+            row = plan.ledger.get(mig["version"])
+            if not row or row["checksum"] == checksum(mig["sql"]):
+                continue
+            if row["checksum"] in supersedes(mig["sql"]):
+                restamp.append((mig, row))
+                continue
+            drift.append("%s (applied %s by %s, ledger sha256 %s..., file now %s...)"
+                         % (mig.get("path") or mig["version"], row["applied_at"], row["applied_by"],
+                            row["checksum"][:12], checksum(mig["sql"])[:12]))
         if drift:
             raise MigrationError(
                 "refusing to continue: applied migration files were changed after they were applied: %s. "
-                "Restore the applied version of the file(s) (git) and put new changes in a new NNN_MM file."
-                % "; ".join(drift))
-        pending = [m for m in migrations if m["version"] not in ledger]
-        result = dict(changed=bool(pending), pending=[m["version"] for m in pending], applied=[])
-        if self.m.check_mode or not pending:
-            result["ledger"] = list(ledger.values())
+                "Restore the applied version of the file(s) (git) and put new changes in a new NNN_MM file "
+                "(code belongs in files/sql/repeatable/, which may change)." % "; ".join(drift))
+        pending = [m for m in plan.versioned if m["version"] not in plan.ledger]
+        repeatable = [m for m in plan.repeatable if plan.repeatable_changed(m)]
+        result = dict(changed=bool(pending or repeatable or restamp),
+                      pending=[m["version"] for m in pending + repeatable],
+                      repeatable_pending=[m["version"] for m in repeatable],
+                      restamped=[m["version"] for m, _ in restamp], retired=plan.retired(), applied=[])
+        if self.m.check_mode or not result["changed"]:
+            result["ledger"] = list(plan.ledger.values())
             return result
         self.ensure_ledger()
+        with self.conn.cursor() as cur:
+            for mig, row in restamp:
+                cur.execute(self.q("UPDATE {schema}.schema_migrations SET checksum = %s, "
+                                   "superseded_checksums = superseded_checksums || %s::text "
+                                   "WHERE version = %s AND checksum = %s"),
+                            (checksum(mig["sql"]), row["checksum"], mig["version"], row["checksum"]))
+                self.notices.append("%s | ledger row re-stamped: the file supersedes the applied text "
+                                    "(sha256 %s... -> %s...); nothing re-run"
+                                    % (mig["version"], row["checksum"][:12], checksum(mig["sql"])[:12]))
         for mig in pending:
-            result["applied"].append(self.apply_one(mig, mig["sql"], record=True))
+            result["applied"].append(self.apply_one(mig, mig["sql"], self.record_versioned(mig, self.execution(mig))))
+        for mig in repeatable:
+            result["applied"].append(self.apply_one(mig, mig["sql"], self.record_repeatable(mig, "applied")))
         result["ledger"] = list(self.ledger_rows().values())
         return result
 
-    def rollback(self, migrations, ledger):
-        todo = [m for m in reversed(migrations)
-                if m["version"] in ledger or self.p["include_unrecorded"]]
-        for mig in todo:
+    @staticmethod
+    def execution(mig):
+        return "statement-by-statement" if is_no_transaction(mig["sql"]) else "transaction"
+
+    def rollback(self, plan):
+        unrecorded = self.p["include_unrecorded"]
+        versioned = [m for m in reversed(plan.versioned) if m["version"] in plan.ledger or unrecorded]
+        # A phase applied before its code moved to repeatable files has versioned rows only: its code
+        # is rolled back with it (the rollback files drop IF EXISTS).
+        repeatable = [m for m in reversed(plan.repeatable)
+                      if plan.repeatable_applied(m) or unrecorded or versioned]
+        for mig in repeatable + versioned:
             if not mig.get("rollback_sql"):
-                raise MigrationError("no rollback SQL for %s (expected files/sql/rollback/%s)"
-                                     % (mig["version"], mig.get("path", mig["version"]).split("/")[-1]))
-        result = dict(changed=bool(todo), pending=[m["version"] for m in todo], applied=[])
-        if self.m.check_mode or not todo:
-            result["ledger"] = list(ledger.values())
+                where = ("rollback/repeatable/" if mig["kind"] == "repeatable" else "rollback/")
+                raise MigrationError("no rollback SQL for %s (expected files/sql/%s%s)"
+                                     % (mig["version"], where, mig.get("path", mig["version"]).split("/")[-1]))
+        retired = plan.retired()
+        result = dict(changed=bool(repeatable or versioned or retired),
+                      pending=[m["version"] for m in repeatable + versioned],
+                      repeatable_pending=[m["version"] for m in repeatable], restamped=[], retired=retired,
+                      applied=[])
+        if self.m.check_mode or not result["changed"]:
+            result["ledger"] = list(plan.ledger.values())
             return result
-        if ledger:
-            pass
-        for mig in todo:
-            result["applied"].append(self.apply_one(mig, mig["rollback_sql"], record=False,
-                                                    delete=mig["version"] in ledger))
+        for guard in plan.preconditions:
+            self.apply_one(guard, guard["rollback_sql"])
+        for mig in repeatable:
+            op = self.record_repeatable(mig, "rolled_back") if mig["version"] in plan.repeatables else None
+            result["applied"].append(self.apply_one(mig, mig["rollback_sql"], op))
+        for mig in versioned:
+            op = self.delete_versioned(mig) if mig["version"] in plan.ledger else None
+            result["applied"].append(self.apply_one(mig, mig["rollback_sql"], op))
+        if retired:
+            with self.conn.cursor() as cur:
+                cur.execute(self.q("DELETE FROM {schema}.schema_migrations WHERE version = ANY(%s)"), (retired,))
+            self.notices.append("ledger rows removed with the phase (their files were retired): %s"
+                                % ", ".join(retired))
         result["ledger"] = list(self.ledger_rows().values())
         return result
+
+
+class Plan:
+    """The phase's files split by kind, next to what the ledger says of them."""
+
+    def __init__(self, migrations, ledger, repeatables):
+        self.ledger = ledger
+        self.repeatables = repeatables
+        self.versioned = [m for m in migrations if m["kind"] == "versioned"]
+        self.preconditions = [m for m in migrations if m["kind"] == "precondition"]
+        self.repeatable = [m for m in migrations if m["kind"] == "repeatable"]
+
+    def repeatable_applied(self, mig):
+        row = self.repeatables.get(mig["version"])
+        return bool(row) and row["action"] == "applied"
+
+    def repeatable_changed(self, mig):
+        row = self.repeatables.get(mig["version"])
+        return not self.repeatable_applied(mig) or row["checksum"] != checksum(mig["sql"])
+
+    def retired(self):
+        """Ledger rows of these phases whose versioned file is gone (its content moved elsewhere)."""
+        phases = {m["version"][:3] for m in self.versioned}
+        files = {m["version"] for m in self.versioned}
+        return sorted(v for v in self.ledger if v[:3] in phases and v not in files)
 
 
 def main():

@@ -1,18 +1,20 @@
--- Phase 2 / step 3: a faster backfill and a faster verification (same contracts as in 002_01).
--- Measured on the narrow tables (api_call_metrics, system_logs): ON CONFLICT's speculative
--- insertion cost ~40 % of the copy, and materialising the batch in a CTE to count it another
--- ~30 %. Each batch now tries a plain INSERT ... SELECT first, in a subtransaction; a row the
--- capture trigger already wrote (unique_violation) undoes that batch, and the rest of the call
--- uses INSERT ... ON CONFLICT DO NOTHING as before. The keyset query counts the batch's keys;
--- NULL partition keys are counted once at the end from the source (index on the key column)
--- instead of per batch. Locking, resumability and the capture protocol are unchanged.
--- dbops.p2_compare (the verification's one-snapshot comparison) groups rows by range with
--- date_trunc(unit, key, 'UTC') inline: dbops.p2_bucket() is the same expression, but its SET
--- search_path keeps it from being inlined, and calling it per row made the comparison ~4x slower
--- (measured: 200 000 system_logs rows, 397 daily ranges). Above all it runs with jit = off: the
--- comparison's cost estimate over ~400 partitions crosses jit_above_cost, and JIT-compiling the
--- expressions of every partition's scan took 9 s of a query that needs 0.9 s (measured, same data).
+-- Phase 2 engine, step 2: the backfill. Each batch first tries a plain INSERT ... SELECT in a
+-- subtransaction (ON CONFLICT's speculative insertion cost ~40 % of the copy on narrow tables);
+-- a row the capture trigger already wrote (unique_violation) undoes that batch and the rest of
+-- the call uses INSERT ... ON CONFLICT DO NOTHING. NULL partition keys are counted once at the
+-- end from the source (index on the key column), not per batch.
 
+-- ---------------------------------------------------------------------------------------------
+-- Step 2: backfill (procedure: one COMMIT per batch)
+-- ---------------------------------------------------------------------------------------------
+-- CALL dbops.p2_backfill('bcfy_calls_raw', 5000, 60);   -- from an autocommit session
+-- Keyset pagination on the primary key. Each batch: take the table's advisory lock exclusively
+-- (try-lock, never queued: writers are not made to wait behind a waiting batch), copy
+-- (pk > last AND pk <= next) with the partition key derived as in the sync trigger,
+-- ON CONFLICT DO NOTHING (a row the trigger already wrote is newer), record progress, COMMIT.
+-- UPDATE / DELETE on the source wait for the running batch (one batch, milliseconds), so a batch
+-- can neither resurrect a row deleted meanwhile nor overwrite a newer version.
+-- Returns after max_seconds (at least one batch); killed at any point, it resumes from last_key.
 CREATE OR REPLACE PROCEDURE dbops.p2_backfill(
     tbl text, batch_rows integer DEFAULT 5000, max_seconds integer DEFAULT 60, INOUT result jsonb DEFAULT NULL
 )
@@ -151,47 +153,3 @@ BEGIN
     COMMIT;
 END
 $fn$;
-
-CREATE OR REPLACE FUNCTION dbops.p2_compare(tbl text, src text, dst text) RETURNS jsonb
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-SET jit = off
-AS $$
-DECLARE
-    st dbops.p2_state;
-    dflt regclass;
-    res jsonb;
-BEGIN
-    SELECT * INTO STRICT st FROM dbops.p2_state WHERE table_name = tbl;
-    dflt := to_regclass(format('public.%I', tbl || '_default'));
-    EXECUTE format($q$
-        WITH s AS (
-            SELECT date_trunc(%1$L, %2$s, 'UTC') AS b, count(*) AS n,
-                   sum(hashtextextended(ROW(%3$s)::text, 0)::numeric) AS h,
-                   count(*) FILTER (WHERE %4$I IS NULL) AS nk
-            FROM public.%5$I GROUP BY 1),
-        d AS (
-            SELECT date_trunc(%1$L, %4$I, 'UTC') AS b, count(*) AS n,
-                   sum(hashtextextended(ROW(%6$s)::text, 0)::numeric) AS h,
-                   count(*) FILTER (WHERE tableoid = %7$s) AS nd
-            FROM public.%8$I GROUP BY 1),
-        j AS (
-            SELECT b, coalesce(s.n, 0) AS sn, coalesce(d.n, 0) AS dn, coalesce(s.h, 0) AS sh,
-                   coalesce(d.h, 0) AS dh, coalesce(s.nk, 0) AS nk, coalesce(d.nd, 0) AS nd
-            FROM s FULL JOIN d USING (b))
-        SELECT jsonb_build_object(
-            'source', %5$L, 'target', %8$L,
-            'source_rows', coalesce(sum(sn), 0), 'target_rows', coalesce(sum(dn), 0),
-            'ranges', count(*), 'null_key_rows', coalesce(sum(nk), 0),
-            'default_partition_rows', coalesce(sum(nd), 0),
-            'mismatches', coalesce(jsonb_agg(jsonb_build_object(
-                'range_start', b, 'range_end', dbops.p2_next(%1$L, b),
-                'source_rows', sn, 'target_rows', dn, 'source_checksum', sh::text,
-                'target_checksum', dh::text) ORDER BY b) FILTER (WHERE sn <> dn OR sh <> dh), '[]'))
-        FROM j $q$,
-        st.unit, st.key_expr, dbops.p2_collist(st.all_cols, st.key_col, st.key_expr), st.key_col, src,
-        dbops.p2_collist(st.all_cols), coalesce(dflt::oid, 0), dst)
-    INTO res;
-    RETURN res;
-END
-$$;
