@@ -26,7 +26,9 @@ demo-stop:
 lint: install-test
 	$(VENV)/yamllint -s .
 	$(VENV)/ansible-lint
-	$(VENV)/squawk files/sql/0*.sql files/sql/rollback/*.sql
+	$(VENV)/squawk files/sql/0*.sql files/sql/rollback/*.sql files/sql/repeatable/*/*.sql files/sql/rollback/repeatable/*/*.sql
+# Each role's own SQL (roles/*/files): psycopg2 placeholders %(name)s become NULL (%% becomes %) so squawk can parse it.
+	find roles -path 'roles/*/files/*.sql' | sort | while read -r f; do sed -E 's/%\(([a-z_]+)\)s/NULL/g; s/%%/%/g' "$$f" | $(VENV)/squawk --reporter gcc --stdin-filepath "$$f"; done
 
 # Test files run on $(PYTEST_WORKERS) workers, each file whole on one worker (module fixtures, stages
 # in file order), each worker with its own PostgreSQL server. PYTEST_WORKERS=0 runs them in one process.

@@ -29,7 +29,7 @@ from playbook_runner import REPO, ROLLBACK, db_state, ledger, lookup_migrations,
 SEED_CALLS = 3000
 SQL_DIR = REPO / "files" / "sql"
 FAST = {"partition_round_seconds": 3, "partition_upsert_probe_seconds": 2}
-PHASE3_FILES = ["003_01", "003_02", "003_03"]
+PHASE3_FILES = ["003_01", "003_02", "003_03", "003/01_pipeline_monitoring"]   # versioned, then the code
 CONSTRAINTS = {
     "bcfy_playlists": ["bcfy_playlists_last_pos_check", "bcfy_playlists_sync_error_count_check"],
     "bcfy_calls_raw": ["bcfy_calls_raw_processing_stage_check", "bcfy_calls_raw_retry_count_check"],
@@ -71,7 +71,7 @@ def assert_phase3_present(db):
     for view in VIEWS:
         assert db.scalar("SELECT to_regclass(%s) IS NOT NULL", (view,)), view
     assert db.scalar("SELECT to_regprocedure('get_stuck_processing_items(interval,interval,integer)') IS NOT NULL")
-    assert ledger(db, "003") == PHASE3_FILES
+    assert ledger(db, "003") == PHASE3_FILES[:3]   # the versioned files; the code is in schema_repeatables
 
 
 def check_violation(db, sql, params):
@@ -146,7 +146,7 @@ def test_files_paired_and_squawk_clean():
 def plain_db(pg_server):
     db = create_db(pg_server, baseline=True, seed_calls=SEED_CALLS)
     res = migrate_direct(db, "001")
-    assert [m["version"] for m in res["applied"]] == ["001_01", "001_02", "001_03"], res
+    assert [m["version"] for m in res["applied"]] == ["001_01", "001_02", "001_03", "001/01_monitoring_views"], res
     # A production copy where the application already added three of the columns itself.
     db.query("ALTER TABLE bcfy_playlists ADD COLUMN sync_error_count integer NOT NULL DEFAULT 0; "
              "ALTER TABLE bcfy_calls_raw ADD COLUMN retry_count integer NOT NULL DEFAULT 0; "

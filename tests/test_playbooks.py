@@ -21,11 +21,13 @@ import uuid
 import pytest
 
 import playbook_runner
-from playbook_runner import ROLLBACK, create_db, db_state, drop_db, run_playbook
+from conftest import create_db, drop_db
+from playbook_runner import ROLLBACK, Stages, db_state, run_playbook
 
 REPO = playbook_runner.REPO
 SEED_CALLS = 3000
 PHASE1_VERSIONS = ["001_01", "001_02", "001_03"]
+PHASE1_PENDING = PHASE1_VERSIONS + ["001/01_monitoring_views"]   # versioned, then the repeatable code
 PHASE1_INDEXES = [
     "bcfy_calls_raw_pending_idx", "bcfy_calls_raw_fetched_at_idx", "bcfy_calls_raw_feed_started_idx",
     "bcfy_calls_raw_tg_started_idx", "transcripts_tsv_gin_idx", "transcripts_created_at_idx",
@@ -43,7 +45,8 @@ SPECIAL_PASSWORD = "Colon:Back\\slash Pw-4417"
 PG_RESTORE = next((p for p in ("/usr/lib/postgresql/15/bin/pg_restore", "/usr/bin/pg_restore")
                    if pathlib.Path(p).exists()), "pg_restore")
 
-STAGES: dict = {}
+STAGES = Stages()  # run_stage(env, name, playbook, **kw) keeps the result; stage(name) returns it if ok
+run_stage, stage = STAGES.run, STAGES.ok
 
 
 @pytest.fixture(scope="module")
@@ -70,20 +73,6 @@ def counts(db) -> dict:
     return {t: db.scalar("SELECT count(*) FROM public.%s" % t) for t in TABLES}
 
 
-def stage(name: str):
-    res = STAGES.get(name)
-    if res is None:
-        pytest.fail("stage %r did not run (an earlier test failed before it)" % name)
-    assert res.ok, "stage %r failed:\n%s" % (name, res.text)
-    return res
-
-
-def run_stage(env, name, playbook, **kw):
-    res = run_playbook(env["db"], playbook, workdir=env["workdir"], **kw)
-    STAGES[name] = res
-    return res
-
-
 def backups(env) -> list:
     d = pathlib.Path(env["workdir"]) / "backups"
     return sorted(p for p in d.glob("backup_*.dump")) if d.exists() else []
@@ -105,15 +94,15 @@ def test_check_mode_reports_and_changes_nothing(env):
     assert res.ok, res.text
     assert res.changed > 0, "check mode must report what would change:\n" + res.text
     msgs = "\n".join(res.messages)
-    assert "pending: 001_01, 001_02, 001_03" in msgs, res.text
-    assert "Would apply: 001_01, 001_02, 001_03" in msgs, res.text
+    assert "pending: 001_01, 001_02, 001_03, 001/01_monitoring_views" in msgs, res.text
+    assert "Would apply: 001_01, 001_02, 001_03; code files to re-apply: 001/01_monitoring_views." in msgs, res.text
     assert db_state(db) == env["baseline"], "--check changed the database"
     assert db.scalar("SELECT to_regnamespace('dbops') IS NULL") and db.scalar("SELECT to_regnamespace('monitoring') IS NULL")
     assert not any(index_valid(db, i) is not None for i in PHASE1_INDEXES)
     assert backups(env) == [], "--check took a backup"
     (report,) = reports(env, "001")
     data = json.loads(report.read_text())
-    assert data["check_mode"] is True and data["migrations"] == [] and data["pending_before"] == PHASE1_VERSIONS
+    assert data["check_mode"] is True and data["migrations"] == [] and data["pending_before"] == PHASE1_PENDING
 
 
 # ---- phase 1 --------------------------------------------------------------------------------------
@@ -171,9 +160,9 @@ def test_report_written(env):
     assert report.with_suffix(".md").exists()
     data = json.loads(report.read_text())
     assert data["check_mode"] is False and data["phase"] == "001"
-    assert [m["version"] for m in data["migrations"]] == PHASE1_VERSIONS
+    assert [m["version"] for m in data["migrations"]] == PHASE1_PENDING
     assert all(m["retries"] == 0 and m["duration_ms"] >= 0 and m["statements"] > 0 for m in data["migrations"])
-    assert data["pending_before"] == PHASE1_VERSIONS
+    assert data["pending_before"] == PHASE1_PENDING
     assert re.fullmatch(r"\d{8}T\d{6}Z-\d+", data["run_id"]) and report.name == "001_%s.json" % data["run_id"]
     assert data["backup"]["path"] == str(backups(env)[0])
     before = {t: int(v["rows"]) for t, v in data["tables_before"].items()}
@@ -234,7 +223,8 @@ def test_rollback_restores_the_baseline(env):
     res = run_stage(env, "rollback", "rollback_phase1", extra_vars=ROLLBACK)
     assert res.ok, res.text
     assert res.changed > 0, res.text
-    assert res.shows("Rolled back: 001_03_monitoring") and res.shows("Phase 1 indexes removed; transcripts_tsv_idx restored")
+    assert res.shows("Rolled back: 001/01_monitoring_views (code)") and res.shows("001_03_monitoring (")
+    assert res.shows("Phase 1 indexes removed; transcripts_tsv_idx restored")
     assert all(index_valid(db, i) is None for i in PHASE1_INDEXES)
     assert index_valid(db, "transcripts_tsv_idx") is True
     assert db.scalar("SELECT count(*) FROM pg_constraint WHERE conname = ANY(%s)", (PHASE1_CONSTRAINTS,)) == 0

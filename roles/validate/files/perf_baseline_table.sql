@@ -8,7 +8,8 @@ CREATE TABLE IF NOT EXISTS dbops.perf_baseline (
     label text NOT NULL,
     run_id text,
     taken_by text NOT NULL DEFAULT current_user,
-    repetitions integer NOT NULL CHECK (repetitions > 0),
+    -- squawk-ignore prefer-bigint-over-int
+    repetitions integer NOT NULL CHECK (repetitions > 0),  -- runs per test: a handful, never near 2^31
     catalog jsonb NOT NULL DEFAULT '{}',
     tests jsonb NOT NULL
 );
