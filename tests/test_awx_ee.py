@@ -206,8 +206,11 @@ def test_rollbacks_require_a_confirmation(awx_objects):
     for jt in rollbacks:
         q = _survey_question(jt, "rollback_confirm")
         assert q and q["required"] is True and q["choices"] == ["ROLLBACK"], jt["name"]
-        # the playbook itself refuses without the same value (tests/test_playbooks.py runs it)
-        text = (REPO / jt["playbook"]).read_text()
+        # the playbook itself refuses without the same value (tests/test_playbooks.py runs it);
+        # the rollbacks import their plays from playbooks/phases/rollback.yml
+        path = REPO / jt["playbook"]
+        text = path.read_text()
+        text += "".join((path.parent / p).read_text() for p in re.findall(r"import_playbook: (\S+)", text))
         assert "preflight_confirm_var: rollback_confirm" in text and "preflight_confirm_word: ROLLBACK" in text
     plain = [j for j in awx_objects["job_templates"]
              if j["playbook"] in ("playbooks/phase1.yml", "playbooks/maintenance.yml")]
