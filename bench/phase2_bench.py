@@ -10,7 +10,7 @@ It starts its own PostgreSQL 15 (fsync on, like the demo) on a free loopback por
 Phase 1, then measures:
   * per table: rows/s of a single `INSERT INTO copy SELECT ... FROM table` (same indexes), and the
     Phase 2 backfill's rows/s, and their ratio;
-  * Phase 2 wall time (playbooks/phase2.yml) while tools/workload.py runs the application's statements:
+  * Phase 2 wall time (playbooks/phase2.yml) while tools/workload runs the application's statements:
     their p50/p99/max latency and failures;
   * the guide's three validation queries (time range, full-text, dashboard) before and after, as ratios.
 Writes the numbers as JSON next to the printout (--json).
@@ -18,7 +18,6 @@ Writes the numbers as JSON next to the printout (--json).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -33,10 +32,8 @@ import time
 import psycopg2
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("workload", REPO / "tools" / "workload.py")
-workload = importlib.util.module_from_spec(spec)
-sys.modules.setdefault("workload", workload)
-spec.loader.exec_module(workload)
+sys.path.insert(0, str(REPO / "tools"))
+import workload  # noqa: E402  (the package tools/workload)
 
 TABLES = ["bcfy_calls_raw", "transcripts", "api_call_metrics", "system_logs"]
 QUERIES = {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's demo: embedded PostgreSQL 15 + demo data, then the whole guide: Phase 1, Phase 2
-# step 0, Phase 2 and Phase 3 while the application's workload runs (tools/workload.py), the
+# step 0, Phase 2 and Phase 3 while the application's workload runs (tools/workload), the
 # guide's performance validation and the nightly maintenance job; it ends with the zero-downtime
 # figures and the report paths. Running it again changes nothing (each playbook reports changed=0).
 set -euo pipefail
@@ -26,7 +26,7 @@ run=.local/demo-workload; mkdir -p "$run"; rm -f "$run/stop"
 # its upsert to ON CONFLICT (call_uid, started_at), then Phase 2 converts while it runs.
 play playbooks/phase2_prepare.yml
 upsert=call_uid_started_at
-"$py" tools/workload.py run --host 127.0.0.1 --port "$PG_EMBED_PORT" --dbname scanner --user scan \
+"$py" tools/workload run --host 127.0.0.1 --port "$PG_EMBED_PORT" --dbname scanner --user scan \
   --password-file "$pg_dir/scan.password" --rate "$rate" --upsert "$upsert" --until-file "$run/stop" \
   --max-duration 3600 --keys "$run/keys.jsonl" --summary "$run/summary.json" --quiet &
 wl=$!
@@ -54,7 +54,7 @@ print(f"application statements: {s['statements']}, failed: {s['failed']}, "
       f"p50 {lat.get('p50', 0):.1f} ms, p99 {lat.get('p99', 0):.1f} ms, max stall {s['max_stall_ms']:.0f} ms "
       f"over {s['duration_s']:.0f} s")
 PY
-"$py" tools/workload.py check --host 127.0.0.1 --port "$PG_EMBED_PORT" --dbname scanner --user scan \
+"$py" tools/workload check --host 127.0.0.1 --port "$PG_EMBED_PORT" --dbname scanner --user scan \
   --password-file "$pg_dir/scan.password" --keys "$run/keys.jsonl" | tail -1
 echo "reports (open the .html in a browser): $(ls -t reports/*.html 2>/dev/null | head -6 | tr '\n' ' ')"
 echo "The embedded PostgreSQL keeps running on 127.0.0.1:$PG_EMBED_PORT: 'make demo-stop' stops it."

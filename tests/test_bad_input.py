@@ -15,7 +15,6 @@ import dataclasses
 import os
 import re
 import shutil
-import socket
 import stat
 import subprocess
 import time
@@ -25,6 +24,7 @@ import psycopg2
 import pytest
 
 import playbook_runner
+from conftest import free_port
 from playbook_runner import UNSET, db_state, run_playbook
 
 PASSWORD = "Zebra-Distinct:Pw#8841"      # distinctive: any leak is found by a plain substring search
@@ -124,12 +124,6 @@ def test_wrong_password(target):
                    "password authentication failed", "the password (vault / AWX credential)",
                    password=WRONG_PASSWORD)
     assert PASSWORD not in res.all_text
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_closed_port(target):
@@ -263,7 +257,7 @@ def test_checksum_drift(target, tmp_path):
     db = target.db
     # Phase 1 applied through the runner's own code (same ledger, same checksums), as the operator.
     applied = playbook_runner.migrate_direct(db, "001", user=target.user, password=target.password)
-    assert [m["version"] for m in applied["applied"]] == ["001_01", "001_02", "001_03"], applied
+    assert [m["version"] for m in applied["applied"]] == ["001_01", "001_02", "001_03", "001/01_monitoring_views"], applied
     src = playbook_runner.REPO / "files" / "sql"
     copy = tmp_path / "sql"
     (copy / "rollback").mkdir(parents=True)

@@ -20,7 +20,6 @@ INVALID index.
 """
 from __future__ import annotations
 
-import importlib.util
 import sys
 import threading
 import time
@@ -28,22 +27,17 @@ import time
 import psycopg2
 import pytest
 
+from conftest import conn_kwargs, wait_for
 from playbook_runner import REPO, finish, kill_tree, run_playbook, start_playbook
 
-spec = importlib.util.spec_from_file_location("workload", REPO / "tools" / "workload.py")
-workload = importlib.util.module_from_spec(spec)
-sys.modules.setdefault("workload", workload)
-spec.loader.exec_module(workload)
+sys.path.insert(0, str(REPO / "tools"))
+import workload  # noqa: E402  (the package tools/workload)
 
 STALL_BOUND_MS = 2000
 # 5 000 calls, ~1 500 transcripts, 20 000 metrics, 10 000 logs: with 3 000 only transcripts are
 # recounted under the swap's lock, the others rely on the verification (both paths run).
 FAST = {"partition_round_seconds": 2, "partition_upsert_probe_seconds": 1, "partition_recount_max_rows": 3000}
 TABLES = ("bcfy_calls_raw", "transcripts", "api_call_metrics", "system_logs")
-
-
-def conn_kwargs(db):
-    return dict(host=db.host, port=db.port, dbname=db.name, user=db.user, password=db.password)
 
 
 @pytest.fixture
@@ -115,16 +109,6 @@ def step_waiting(db, fn="p2_swap"):
 
 def swap_waiting(db):
     return step_waiting(db, "p2_swap")
-
-
-def wait_for(pred, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def assert_converted_and_intact(db, wl_summary, keys_path):

@@ -14,17 +14,15 @@ The story an operator lives through:
 """
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import pytest
 
+from conftest import conn_kwargs, create_db
 from playbook_runner import REPO, ROLLBACK, db_state, run_playbook
 
-spec = importlib.util.spec_from_file_location("workload", REPO / "tools" / "workload.py")
-workload = importlib.util.module_from_spec(spec)
-sys.modules.setdefault("workload", workload)  # dataclasses look the module up
-spec.loader.exec_module(workload)
+sys.path.insert(0, str(REPO / "tools"))
+import workload  # noqa: E402  (the package tools/workload)
 
 # Application statements may wait behind the swap's short lock: lock_timeout (500 ms) + the time
 # the swap holds it. Anything above this bound is downtime.
@@ -32,26 +30,10 @@ STALL_BOUND_MS = 2000
 FAST = {"partition_round_seconds": 3, "partition_upsert_probe_seconds": 2}
 
 
-def conn_kwargs(db):
-    return dict(host=db.host, port=db.port, dbname=db.name, user=db.user, password=db.password)
-
-
 @pytest.fixture(scope="module")
 def cron_db(pg_server):
     # phase2 schedules pg_cron jobs: use the server's pg_cron database.
-    from conftest import BASELINE_DIR, DbInfo
-    su = pg_server.connect("postgres", superuser=True)
-    su.autocommit = True
-    with su.cursor() as cur:
-        cur.execute('DROP DATABASE IF EXISTS "scanner" WITH (FORCE)')
-        cur.execute(f'CREATE DATABASE "scanner" OWNER {pg_server.user}')
-    su.close()
-    db = DbInfo(pg_server, "scanner")
-    db.query("ALTER SCHEMA public OWNER TO scan; CREATE EXTENSION IF NOT EXISTS pg_stat_statements; "
-             "CREATE EXTENSION IF NOT EXISTS pg_cron; GRANT USAGE ON SCHEMA cron TO scan", superuser=True)
-    db.query((BASELINE_DIR / "01_schema.sql").read_text())
-    db.query((BASELINE_DIR / "02_demo_data.sql").read_text())
-    db.query("SELECT demo.seed(20000)")
+    db = create_db(pg_server, baseline=True, seed_calls=20000, cron=True)
     res = run_playbook(db, "phase1", timeout=600)
     assert res.ok, res.text
     return db

@@ -29,6 +29,7 @@ from html.parser import HTMLParser
 import pytest
 import yaml
 
+from conftest import create_db, drop_db
 from playbook_runner import ANSIBLE_PLAYBOOK, PYTHON, REPO, new_workdir, run_playbook
 
 TEMPLATE = REPO / "roles" / "report" / "templates" / "report.html.j2"
@@ -159,19 +160,7 @@ def test_template_escapes_every_expression():
 # ---- 1. real runs ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def runs(pg_server):
-    from conftest import BASELINE_DIR, DbInfo
-    su = pg_server.connect("postgres", superuser=True)
-    su.autocommit = True
-    with su.cursor() as cur:
-        cur.execute('DROP DATABASE IF EXISTS "scanner" WITH (FORCE)')
-        cur.execute(f'CREATE DATABASE "scanner" OWNER {pg_server.user}')
-    su.close()
-    db = DbInfo(pg_server, "scanner")
-    db.query("ALTER SCHEMA public OWNER TO scan; CREATE EXTENSION IF NOT EXISTS pg_stat_statements; "
-             "CREATE EXTENSION IF NOT EXISTS pg_cron; GRANT USAGE ON SCHEMA cron TO scan", superuser=True)
-    db.query((BASELINE_DIR / "01_schema.sql").read_text())
-    db.query((BASELINE_DIR / "02_demo_data.sql").read_text())
-    db.query("SELECT demo.seed(3000)")
+    db = create_db(pg_server, baseline=True, seed_calls=3000, cron=True)
     workdir = new_workdir()
     out = {"db": db, "reports": workdir / "reports"}
     import time
@@ -189,11 +178,7 @@ def runs(pg_server):
     if keep:
         shutil.copytree(workdir / "reports", keep, dirs_exist_ok=True)
     yield out
-    su = pg_server.connect("postgres", superuser=True)
-    su.autocommit = True
-    with su.cursor() as cur:
-        cur.execute('DROP DATABASE IF EXISTS "scanner" WITH (FORCE)')
-    su.close()
+    drop_db(pg_server, db.name)
 
 
 def test_phase1_html_report(runs):

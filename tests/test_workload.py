@@ -1,4 +1,5 @@
-"""tools/workload.py: the simulated application that measures a migration's downtime.
+"""tools/workload (a package run as `python tools/workload`): the simulated application that
+measures a migration's downtime.
 
 Runs it (in-process and as a CLI) against fresh baseline databases of the embedded server:
 every statement kind runs without failure, the committed-writes journal is verified by
@@ -8,7 +9,6 @@ and the CLI stops on --until-file and on SIGTERM with its summary written.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -20,19 +20,15 @@ import time
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TOOL = REPO / "tools" / "workload.py"
+from conftest import conn_kwargs
 
-_spec = importlib.util.spec_from_file_location("scanner_workload", TOOL)
-workload = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = workload
-_spec.loader.exec_module(workload)
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "workload"      # the package's folder: python tools/workload run|check ...
+
+sys.path.insert(0, str(REPO / "tools"))
+import workload  # noqa: E402  (the package tools/workload)
 
 ALL_KINDS = sorted(workload.STATEMENTS)
-
-
-def conn_kwargs(db) -> dict:
-    return {"host": db.host, "port": db.port, "dbname": db.name, "user": db.user, "password": db.password}
 
 
 def cli_conn(db, pwfile: pathlib.Path) -> list[str]:
