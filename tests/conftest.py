@@ -7,6 +7,7 @@ Fixtures
   baseline_db  a fresh database with the pre-Phase-1 production schema (no data)
 
 Helpers the test files import (`from conftest import ...`)
+  embedded_server       a server of its own, optionally with other settings (a context manager)
   create_db / drop_db   make_db for module-scoped fixtures (the caller drops the database)
   conn_kwargs(db)       psycopg2 / tools/workload connection keywords of a DbInfo
   psql / apply          run SQL files or commands with psql the way the migration runner does
@@ -15,6 +16,7 @@ Helpers the test files import (`from conftest import ...`)
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -173,25 +175,45 @@ def apply(db, files, psql=psql) -> str:
     return "\n".join(out)
 
 
-@pytest.fixture(scope="session")
-def pg_server():
+@contextlib.contextmanager
+def embedded_server(port: int | None = None, settings: dict | None = None):
+    """A PostgreSQL server of its own (scripts/pg_embedded.sh), destroyed on exit.
+
+    settings: server parameters set with ALTER SYSTEM after the first start, then the server is
+    restarted (e.g. {"logging_collector": "off"} for a server configured like Debian's default)."""
     # Not pytest's tmp_path: it is 0700 under /tmp/pytest-of-root, unreachable for the postgres user.
     d = pathlib.Path(tempfile.mkdtemp(prefix="scanner-test-pg-", dir="/tmp"))
     d.chmod(0o755)
-    # make test runs the files on 2 pytest-xdist workers (gw0, gw1): one server each; a fixed
-    # TEST_PG_PORT becomes TEST_PG_PORT + worker number.
-    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
-    port = int(os.environ["TEST_PG_PORT"]) + worker if os.environ.get("TEST_PG_PORT") else free_port()
+    port = port or free_port()
     env = {**os.environ, "PG_EMBED_DIR": str(d / "pg"), "PG_EMBED_PORT": str(port), "PG_EMBED_FAST": "1"}
-    subprocess.run([str(PG_SCRIPT), "start"], check=True, env=env, stdout=subprocess.DEVNULL)
-    server = PgServer(dir=d / "pg", port=port,
-                      password=(d / "pg" / "scan.password").read_text().strip(),
-                      su_password=(d / "pg" / "postgres.password").read_text().strip())
     try:
+        subprocess.run([str(PG_SCRIPT), "start"], check=True, env=env, stdout=subprocess.DEVNULL)
+        server = PgServer(dir=d / "pg", port=port,
+                          password=(d / "pg" / "scan.password").read_text().strip(),
+                          su_password=(d / "pg" / "postgres.password").read_text().strip())
+        if settings:
+            su = server.connect("postgres", superuser=True)
+            su.autocommit = True
+            with su.cursor() as cur:
+                for name, value in settings.items():
+                    cur.execute("ALTER SYSTEM SET %s = %%s" % name, (value,))
+            su.close()
+            for action in ("stop", "start"):
+                subprocess.run([str(PG_SCRIPT), action], check=True, env=env, stdout=subprocess.DEVNULL)
         yield server
     finally:
         subprocess.run([str(PG_SCRIPT), "destroy"], env=env, stdout=subprocess.DEVNULL, check=False)
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    # make test runs the files on 2 pytest-xdist workers (gw0, gw1): one server each; a fixed
+    # TEST_PG_PORT becomes TEST_PG_PORT + worker number.
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+    port = int(os.environ["TEST_PG_PORT"]) + worker if os.environ.get("TEST_PG_PORT") else free_port()
+    with embedded_server(port) as server:
+        yield server
 
 
 def _run_sql_file(db: DbInfo, path: pathlib.Path):

@@ -22,6 +22,7 @@ import uuid
 
 import psycopg2
 import pytest
+import yaml
 
 import playbook_runner
 from conftest import free_port
@@ -132,6 +133,80 @@ def test_closed_port(target):
     res = run_playbook(target, "phase1", inventory_vars={"scanner_db_port": port})
     assert_refused(res, before, target.db, "Cannot connect to PostgreSQL at 127.0.0.1:%d" % port,
                    "Check scanner_db_host / scanner_db_port", re.compile(r"(?i)connection refused|could not connect"))
+
+
+# ---- the inventory ---------------------------------------------------------------------------------
+def run_with_inventory(db, inventory, playbook="phase1", args=()):
+    """run_playbook, but with `-i inventory` (a path as the operator typed it, relative to the repo)."""
+    prep = playbook_runner.prepare(db, playbook, args=list(args))
+    prep.cmd[prep.cmd.index("-i") + 1] = str(inventory)
+    proc = subprocess.Popen(prep.cmd, cwd=playbook_runner.REPO, env=prep.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return playbook_runner.finish(proc, prep)
+
+
+def assert_nothing_ran(res, before, db):
+    assert res.rc != 0, res.text
+    ran = [e["task"] for e in res.events if e["event"] == "task" and e["status"] != "skipped"]
+    assert all(t.startswith("Assert at least one host of the group scanner_db") for t in ran), ran
+    assert db_state(db) == before, "the database changed"
+
+
+def test_mistyped_inventory_path(target):
+    """ansible-playbook -i inventory/prdo: ansible.cfg's unparsed_is_failed stops it before any play."""
+    before = db_state(target.db)
+    res = run_with_inventory(target, "inventory/prdo")
+    assert_nothing_ran(res, before, target.db)
+    assert res.shows("failed to parse inventory source %s" % (playbook_runner.REPO / "inventory" / "prdo")), res.text
+    assert not any(e["event"] == "play" for e in res.events), res.text
+
+
+@pytest.mark.parametrize("groups", [
+    {"scanner_db": {"hosts": None}},                                   # the group is empty
+    {"scanner_dbs": {"hosts": {playbook_runner.HOST: None}}},          # misnamed: no group scanner_db
+], ids=["empty-group", "misnamed-group"])
+def test_inventory_without_scanner_db_hosts(target, tmp_path, groups):
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(yaml.safe_dump({"all": {"children": groups}}))
+    before = db_state(target.db)
+    res = run_with_inventory(target, inventory)
+    assert_nothing_ran(res, before, target.db)
+    assert res.shows("No host in group scanner_db: check the inventory (-i %s)" % inventory), res.text
+    assert res.shows("a mistyped path parses as an empty inventory"), res.text
+
+
+def test_limit_outside_scanner_db_is_refused(target, tmp_path):
+    """--limit naming only hosts outside scanner_db would run nothing either."""
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(yaml.safe_dump({"all": {"children": {
+        "scanner_db": {"hosts": {playbook_runner.HOST: playbook_runner.host_vars(target, tmp_path)}},
+        "tools": {"hosts": {"bastion": {"ansible_connection": "local"}}}}}}))
+    before = db_state(target.db)
+    res = run_with_inventory(target, inventory, args=["--limit", "bastion"])
+    assert_nothing_ran(res, before, target.db)
+    assert res.shows("--limit bastion leaves no host of group scanner_db (%s)" % playbook_runner.HOST), res.text
+
+
+def test_inventory_check_runs_once_under_limit(target):
+    """The check itself passes under --limit <a host of the group>, on that host, once."""
+    res = run_playbook(target, "playbooks/phases/inventory_check.yml", args=["--limit", playbook_runner.HOST])
+    assert res.ok, res.text
+    assert [s for n, s, _ in res.tasks] == ["ok"], res.text
+
+
+def test_every_operator_playbook_checks_the_inventory_first():
+    """Each operator playbook's first entry imports phases/inventory_check.yml; site.yml gets it from
+    phase1.yml and tells the later phases (inventory_check_done: true) to skip theirs."""
+    playbooks = playbook_runner.REPO / "playbooks"
+    for path in sorted(playbooks.glob("*.yml")):
+        if path.name in ("demo_seed.yml", "site.yml"):      # demo data only; site.yml: below
+            continue
+        first = yaml.safe_load(path.read_text())[0]
+        assert first.get("ansible.builtin.import_playbook") == "phases/inventory_check.yml", path.name
+    site = yaml.safe_load((playbooks / "site.yml").read_text())
+    assert site[0]["ansible.builtin.import_playbook"] == "phase1.yml" and "vars" not in site[0]
+    for entry in site[1:]:
+        assert entry["vars"]["inventory_check_done"] is True, entry
 
 
 # ---- the target ------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 -- corrected: pg_stat_user_tables has no column "tablename" (it is "relname"); also restricted to schema public, which the query's 'public.' || ... assumes.
+-- kind: info (table statistics)
 -- Guide 1.4 Performance Analysis: check improvement (sizes and live rows of the four big tables).
 SELECT
   relname AS tablename,

@@ -1,4 +1,5 @@
 -- corrected: pg_stat_user_tables has no column "tablename" (it is "relname"); also restricted to schema public, which the query's 'public.' || ... assumes.
+-- kind: info (table statistics)
 -- Guide Performance Validation / Resource Monitoring: check disk usage.
 SELECT
   relname AS tablename,

@@ -1,4 +1,5 @@
 -- Guide Connection Pool Monitoring: check connection usage (monitoring.connections adds pool-pressure columns).
+-- kind: info (server activity)
 SELECT
   usename,
   application_name,

@@ -1,2 +1,3 @@
 -- Guide Monitoring Queries: overall system health.
+-- kind: proof
 SELECT * FROM monitoring.table_bloat WHERE status != 'HEALTHY';

@@ -1,4 +1,5 @@
 -- corrected: there is no pg_log relation in PostgreSQL; this lists the server's log files instead (pg_monitor), see docs/GUIDE_QUERIES.md to read them.
+-- kind: info (the server's log files: needs an existing log_directory and pg_monitor)
 -- Guide Support & Contact, step 2: "Review PostgreSQL logs: SELECT * FROM pg_log;".
 -- Reading log CONTENTS from SQL needs pg_read_file (superuser / pg_read_server_files): not on RDS.
 --   RDS:   aws rds describe-db-log-files --db-instance-identifier <id>

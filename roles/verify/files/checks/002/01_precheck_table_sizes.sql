@@ -1,5 +1,6 @@
 -- corrected: pg_stat_user_tables has no column "tablename" (it is "relname"); also restricted to schema public, which the query's 'public.' || ... assumes.
 -- when: any
+-- kind: info (table statistics before the migration)
 -- Guide 2.1 Pre-Migration Checks: table sizes before migration.
 SELECT
   relname AS tablename,

@@ -1,5 +1,6 @@
 -- Guide 2.4 Post-Migration Verification: "verify partitions were created" (valid as written, but it groups by the table name itself, so every row counts 1: 03_partition_count.sql counts the partitions).
 -- when: any
+-- kind: proof
 SELECT
   schemaname,
   tablename,

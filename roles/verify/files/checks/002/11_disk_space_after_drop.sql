@@ -1,5 +1,6 @@
 -- corrected: pg_stat_user_tables has no column "tablename" (it is "relname"), and pg_total_relation_size() of a partitioned table is 0: sum it over pg_partition_tree().
 -- when: any
+-- kind: info (table sizes)
 -- Guide 2.6: verify disk space was recovered.
 SELECT
   relname AS tablename,

@@ -1,5 +1,6 @@
 -- Guide Performance Validation, Test 3: dashboard aggregation over the last 24 hours.
 -- when: any
+-- kind: info (a performance look at application data)
 SELECT
   COUNT(*) as calls_24h,
   COUNT(DISTINCT feed_id) as active_feeds,
