@@ -10,7 +10,8 @@ Checked: full conversion of the four tables while writer threads insert / update
 of them (no writer error, every committed write present, counts and checksums equal, sequences
 continue, tsv still generated, references enforced, pruning), backfill resumed after a cancel,
 swap idempotent, lossless rollback after writes, finalize, maintain_partitions (premake,
-idempotent, DEFAULT rows moved), cleanup_old_data (drops expired partitions, clears references,
+idempotent, DEFAULT rows moved, references kept by the move), integrity not switched off by a
+session setting (SET dbops.p2_internal_move = on), cleanup_old_data (drops expired partitions, clears references,
 harmless on unconverted tables), NULL partition keys, abort, the guide's phase-2 queries, squawk,
 idempotent install and the rollback files.
 """
@@ -743,6 +744,111 @@ def test_maintain_partitions(engine_db):
         assert lo_utc.weekday() == 0 and lo_utc.time() == dt.time(0) and hi - lo == dt.timedelta(days=7)
         iso = lo_utc.isocalendar()
         assert name == f"api_call_metrics_p{iso[0]}_{iso[1]:02d}"
+
+
+
+def engine_triggers_on(db, rel: str) -> list[tuple]:
+    """(name, tgenabled) of the engine's triggers (functions in schema dbops) on a relation."""
+    return db.query("SELECT tg.tgname::text, tg.tgenabled::text FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid "
+                    "WHERE tg.tgrelid = %s::regclass AND p.pronamespace = 'dbops'::regnamespace ORDER BY 1", (rel,))
+
+
+def checks_despite_session_setting(db, n: int, swapped: bool):
+    """A plain application session that sets the engine's former bypass itself
+    (SET dbops.p2_internal_move = on) still gets every check the triggers make."""
+    conn = db.connect()
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET dbops.p2_internal_move = on")
+            cur.execute("SHOW dbops.p2_internal_move")
+            assert cur.fetchone()[0] == "on"
+            # (1) a reference to a call that does not exist is refused
+            with pytest.raises(psycopg2.errors.ForeignKeyViolation):
+                cur.execute("INSERT INTO transcripts (call_uid, text, duration_seconds, confidence) "
+                            "VALUES (%s, 'x', 1, 1)", (f"nope-guc-{n}",))
+            with pytest.raises(psycopg2.errors.ForeignKeyViolation):
+                cur.execute("INSERT INTO processing_state (call_uid, status) VALUES (%s, 'queued')", (f"nope-guc-{n}",))
+            # (2) deleting a call: ON DELETE SET NULL runs on its transcript and processing state
+            cur.execute("SELECT t.id, t.call_uid FROM transcripts t JOIN bcfy_calls_raw c USING (call_uid) "
+                        "WHERE c.started_at < now() ORDER BY t.id DESC LIMIT 1")
+            tid, uid = cur.fetchone()
+            cur.execute("INSERT INTO processing_state (call_uid, status) VALUES (%s, 'transcribed') "
+                        "ON CONFLICT (call_uid) DO UPDATE SET status = EXCLUDED.status RETURNING id", (uid,))
+            psid = cur.fetchone()[0]
+            cur.execute("DELETE FROM bcfy_calls_raw WHERE call_uid = %s", (uid,))
+            assert cur.rowcount == 1
+            cur.execute("SELECT call_uid FROM transcripts WHERE id = %s", (tid,))
+            assert cur.fetchone() == (None,)
+            cur.execute("SELECT call_uid FROM processing_state WHERE id = %s", (psid,))
+            assert cur.fetchone() == (None,)
+            # (3) a duplicate key in another partition is refused (global uniqueness guards)
+            cur.execute("SELECT call_uid, started_at FROM bcfy_calls_raw WHERE started_at < now() "
+                        "ORDER BY started_at DESC LIMIT 1")
+            dup_uid, started = cur.fetchone()
+            with pytest.raises(psycopg2.errors.UniqueViolation):
+                cur.execute("INSERT INTO bcfy_calls_raw (call_uid, group_id, ts, started_at) VALUES (%s, 'guc', %s, %s) "
+                            "ON CONFLICT (call_uid, started_at) DO NOTHING",
+                            (dup_uid, 4_200_000_000 + n, started - dt.timedelta(days=40)))
+            cur.execute("SELECT call_uid FROM transcripts WHERE call_uid IS NOT NULL LIMIT 1")
+            with pytest.raises(psycopg2.errors.UniqueViolation):
+                cur.execute("INSERT INTO transcripts (call_uid, text, duration_seconds, confidence, created_at) "
+                            "VALUES (%s, 'dup', 1, 1, now() - interval '60 days')", cur.fetchone())
+            # a valid write in the same session works (and, while swapped, reaches the old copy)
+            new_uid = f"guc-{4_200_000_000 + n}"
+            cur.execute("INSERT INTO bcfy_calls_raw (call_uid, group_id, ts, started_at) VALUES (%s, 'guc', %s, now()) "
+                        "ON CONFLICT (call_uid, started_at) DO NOTHING", (new_uid, 4_200_000_000 + n))
+    finally:
+        conn.close()
+    if swapped:   # the reverse sync ran for every write of that session: the old copies agree
+        assert db.scalar("SELECT count(*) FROM bcfy_calls_raw_nonpartitioned WHERE call_uid = %s", (new_uid,)) == 1
+        assert db.scalar("SELECT count(*) FROM bcfy_calls_raw_nonpartitioned WHERE call_uid = %s", (uid,)) == 0
+        assert db.scalar("SELECT call_uid FROM transcripts_nonpartitioned WHERE id = %s", (tid,)) is None
+        for t in ("bcfy_calls_raw", "transcripts"):
+            assert call(db, "SELECT dbops.p2_verify(%s)", (t,))["status"] == "ok", t
+
+
+def move_keeps_references(db, started: str, partition: str, swapped: bool):
+    """A call (with a transcript and a processing state) in the DEFAULT partition, moved out by
+    maintain_partitions(): the move is not a logical change, so no reference is cleared."""
+    uid = "future-" + partition
+    db.query("INSERT INTO bcfy_calls_raw (call_uid, group_id, ts, started_at) VALUES (%s, 'future', %s, %s)",
+             (uid, 4_300_000_000 + int(partition[-7:].replace("_", "")), started))
+    assert db.scalar("SELECT tableoid::regclass::text FROM bcfy_calls_raw WHERE call_uid = %s", (uid,)) \
+        == "bcfy_calls_raw_default"
+    tid = db.scalar("INSERT INTO transcripts (call_uid, text, duration_seconds, confidence) "
+                    "VALUES (%s, 'future call', 1, 1) RETURNING id", (uid,))
+    db.query("INSERT INTO processing_state (call_uid, status) VALUES (%s, 'queued')", (uid,))
+    before = engine_triggers_on(db, "bcfy_calls_raw_default")
+    assert before and all(mode == "O" for _, mode in before), before
+    res = call(db, "SELECT maintain_partitions()")
+    assert res["errors"] == [] and {"partition": partition, "rows": 1} in res["moved_from_default"], res
+    assert db.scalar("SELECT tableoid::regclass::text FROM bcfy_calls_raw WHERE call_uid = %s", (uid,)) == partition
+    assert db.scalar("SELECT call_uid FROM transcripts WHERE id = %s", (tid,)) == uid
+    assert db.scalar("SELECT count(*) FROM processing_state WHERE call_uid = %s", (uid,)) == 1
+    # the engine's triggers are back on, on DEFAULT, and present and on on the new partition
+    assert engine_triggers_on(db, "bcfy_calls_raw_default") == before
+    assert engine_triggers_on(db, partition) == before
+    if swapped:   # the old copies still hold the call and its reference; verify agrees
+        assert db.scalar("SELECT count(*) FROM bcfy_calls_raw_nonpartitioned WHERE call_uid = %s", (uid,)) == 1
+        assert db.scalar("SELECT call_uid FROM transcripts_nonpartitioned WHERE id = %s", (tid,)) == uid
+        for t in ("bcfy_calls_raw", "transcripts"):
+            assert call(db, "SELECT dbops.p2_verify(%s)", (t,))["status"] == "ok", t
+
+
+def test_integrity_not_switched_off_by_a_session_setting(engine_db):
+    """Issue 9, item 8: the reference checks and actions, the uniqueness guards and the reverse sync
+    honour no session setting; only maintain_partitions' own move of DEFAULT rows bypasses them."""
+    db = engine_db
+    convert(db, "bcfy_calls_raw")
+    convert(db, "transcripts")
+    checks_despite_session_setting(db, 1, swapped=True)
+    move_keeps_references(db, "2031-05-17 10:00+00", "bcfy_calls_raw_p2031_05", swapped=True)
+    for t in ("transcripts", "bcfy_calls_raw"):
+        assert call(db, "SELECT dbops.p2_finalize(%s)", (t,))["status"] == "finalized"
+    checks_despite_session_setting(db, 2, swapped=False)
+    move_keeps_references(db, "2032-07-04 10:00+00", "bcfy_calls_raw_p2032_07", swapped=False)
+    assert db.scalar("SELECT count(*) FROM transcripts WHERE call_uid NOT IN (SELECT call_uid FROM bcfy_calls_raw)") == 0
 
 
 def test_cleanup_old_data(engine_db):

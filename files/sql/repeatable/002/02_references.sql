@@ -6,6 +6,11 @@
 -- Trigger functions shared by every converted table (SECURITY DEFINER: they act with the
 -- engine owner's rights, like PostgreSQL's own RI triggers act with the table owner's)
 -- ---------------------------------------------------------------------------------------------
+-- They check every row whoever writes it: no session setting switches them off (they once
+-- skipped rows while a custom setting, dbops.p2_internal_move, was 'on', and any session could
+-- SET it). The one write that must not fire them, maintain_partitions() moving rows out of a
+-- DEFAULT partition, disables the engine's triggers on that partition for that statement,
+-- inside its own transaction (08_daily_jobs.sql says why that is sound).
 
 -- Statement trigger: TRUNCATE would bypass the row-level sync triggers.
 CREATE OR REPLACE FUNCTION dbops.p2_block_truncate() RETURNS trigger
@@ -34,9 +39,6 @@ DECLARE
     hit integer;
     vals text;
 BEGIN
-    IF current_setting('dbops.p2_internal_move', true) = 'on' THEN
-        RETURN NULL;
-    END IF;
     EXECUTE format('SELECT %s, ROW(%s)::text',
                    (SELECT string_agg(format('($1).%I IS NULL', c), ' OR ') FROM unnest(ccols) c),
                    (SELECT string_agg(format('($1).%I', c), ', ') FROM unnest(ccols) c))
@@ -87,9 +89,6 @@ DECLARE
     match_old text;
     still boolean;
 BEGIN
-    IF current_setting('dbops.p2_internal_move', true) = 'on' THEN
-        RETURN NULL;
-    END IF;
     IF TG_OP = 'UPDATE' THEN
         EXECUTE format('SELECT ROW(%s) IS NOT DISTINCT FROM ROW(%s)',
                        (SELECT string_agg(format('($1).%I', c), ', ') FROM unnest(pcols) c),
@@ -154,9 +153,6 @@ DECLARE
     vals text;
     hit integer;
 BEGIN
-    IF current_setting('dbops.p2_internal_move', true) = 'on' THEN
-        RETURN NEW;
-    END IF;
     EXECUTE format('SELECT %s, ROW(%s)::text',
                    (SELECT string_agg(format('($1).%I IS NULL', c), ' OR ') FROM unnest(cols) c),
                    (SELECT string_agg(format('($1).%I', c), ', ') FROM unnest(cols) c))
