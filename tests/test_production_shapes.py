@@ -13,6 +13,8 @@ after the parameter-group change. The cases run in file order on that database:
 (d) pg_stat_statements is there but the migration role cannot read other roles' query text (no
     pg_read_all_stats; the application's statements run as another role): the old upsert is
     invisible (`<insufficient privilege>`), and phase2.yml refuses, saying it cannot see them.
+    Twice: with pg_read_all_settings (today's code converts: its regex sees nothing), and as a plain
+    owner role without it (today's preflight crashes reading shared_preload_libraries).
 (b) the same database, the migration role now able to create pg_cron (a superuser): Phase 2
     creates the extension in its own step, before converting, converts and schedules the jobs
     (pg_stat_statements still absent, the switch confirmed with -e partition_app_upsert_confirmed=true).
@@ -107,11 +109,14 @@ def test_c_no_pg_stat_statements_refuses_before_the_backup(no_pgss):
 
 
 # ---- (d) the view is there, but the application's statements are someone else's ------------------------
-@pytest.fixture
-def blind_role(db, server):
+@pytest.fixture(params=["reads_settings", "plain_owner"])
+def blind_role(request, db):
     """`scan` without pg_monitor (so without pg_read_all_stats); the ingester runs as role `ingest`
-    and still uses the old ON CONFLICT (call_uid)."""
-    superuser_sql(db, "REVOKE pg_monitor FROM scan",
+    and still uses the old ON CONFLICT (call_uid). reads_settings: scan keeps pg_read_all_settings
+    (only the query text is hidden); plain_owner: not even that (shared_preload_libraries and
+    cron.database_name are then unreadable: preflight must not crash on them)."""
+    settings = request.param == "reads_settings"
+    superuser_sql(db, "REVOKE pg_monitor FROM scan", *(["GRANT pg_read_all_settings TO scan"] if settings else []),
                   "CREATE ROLE ingest LOGIN PASSWORD '%s'" % INGEST_PASSWORD,
                   "GRANT SELECT, INSERT ON bcfy_calls_raw TO ingest",
                   "SELECT pg_stat_statements_reset()")
@@ -128,7 +133,7 @@ def blind_role(db, server):
     finally:
         conn.close()
         superuser_sql(db, "REVOKE ALL ON bcfy_calls_raw FROM ingest", "DROP ROLE IF EXISTS ingest",
-                      "GRANT pg_monitor TO scan")
+                      "REVOKE pg_read_all_settings FROM scan", "GRANT pg_monitor TO scan")
 
 
 def test_d_unreadable_query_text_refuses(blind_role):
