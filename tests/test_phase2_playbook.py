@@ -1,9 +1,10 @@
 """Phase 2 through the real playbooks while the application's workload runs, measured.
 
 The story an operator lives through:
-1. phase2.yml with the ingester still on ON CONFLICT (call_uid): the run installs the engine and the
-   new unique key, then refuses to convert, naming the statement to switch to. Nothing converted,
-   the application saw no failure.
+1. phase2.yml with the ingester still on ON CONFLICT (call_uid): the run refuses in its preflight
+   (before the run lock and the backup), naming the statement to switch to and phase2_prepare.yml,
+   which installs the new unique key that statement needs. Nothing converted, no backup taken, the
+   application saw no failure. phase2_prepare.yml then installs the engine and the unique key.
 2. The ingester switches to ON CONFLICT (call_uid, started_at) (it works on today's table now);
    phase2.yml converts all four tables while the workload runs: 0 failed statements, no statement
    stalled beyond the bound, every committed row present afterwards, pruning proven.
@@ -55,11 +56,16 @@ def test_phase2_online_story(cron_db, tmp_path):
     # 1. The old upsert is still in use: refuse before converting anything.
     res, s, keys = run_under_workload(db, "phase2", "call_uid", tmp_path, name="old_upsert")
     assert not res.ok
-    assert "ON CONFLICT (call_uid, started_at) DO NOTHING" in res.text, res.text
+    assert "ON CONFLICT (call_uid, started_at) DO NOTHING" in res.failure_text, res.text
+    assert "run playbooks/phase2_prepare.yml first" in res.failure_text, res.text
     assert db.scalar("SELECT relkind::text FROM pg_class WHERE oid = 'public.bcfy_calls_raw'::regclass") == "r"
     assert db.scalar("SELECT count(*) FROM dbops.run_lock") == 0, "the refusing run must release its lock"
+    assert not (res.backup_dir.exists() and any(res.backup_dir.iterdir())), "a refused run took a backup"
     assert s["failed"] == 0, s["failures"][:5]
     assert workload.check_keys(conn_kwargs(db), str(keys))["ok"]
+    # Step 0, as the refusal said: the engine and the unique key the new statement needs.
+    res = run_playbook(db, "phase2_prepare", timeout=600)
+    assert res.ok, res.text
 
     # 2. The ingester switched: convert all four tables under load.
     res, s, keys = run_under_workload(db, "phase2", "call_uid_started_at", tmp_path, name="convert")
