@@ -172,7 +172,7 @@ def test_a_long_backup_keeps_the_lock_and_removes_a_killed_runs_password_file(ba
     run left for this database is removed, one of another database is not, none is left after."""
     db = baseline_db
     workdir = playbook_runner.new_workdir()
-    pgpass_dir = workdir / "backups" / ".pgpass"
+    pgpass_dir = workdir / "backups" / ".pgpass.d"
     pgpass_dir.mkdir(parents=True, mode=0o700)
     prefix = "pgpass_%s_" % hashlib.sha1(("%s:%s/%s/%s" % (db.host, db.port, db.name, db.user)).encode()) \
         .hexdigest()[:16]
