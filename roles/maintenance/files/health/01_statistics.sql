@@ -28,10 +28,19 @@ unused AS (
       AND u.size_bytes >= %(unused_index_min_bytes)s::bigint
 ),
 
+-- The statement of a long-running session goes into job logs and reports: never its literals (they can
+-- hold personal data or secrets). query_id (PostgreSQL 14+ with compute_query_id; it matches
+-- pg_stat_statements.queryid; read through to_jsonb so that 12 and 13 answer NULL) identifies it, and in
+-- its text every dollar-quoted body, quoted string and number is replaced by ? (a literal left open by a
+-- text cut at track_activity_query_size is redacted to the end: over-redaction is the safe side).
 long_q AS (
     SELECT a.pid, a.datname, a.usename, a.application_name, a.state, a.wait_event_type, a.wait_event,
            round(extract(EPOCH FROM now() - coalesce(a.xact_start, a.query_start)))::bigint AS seconds,
-           left(a.query, 200) AS query
+           to_jsonb(a) ->> 'query_id' AS query_id,
+           left(regexp_replace(regexp_replace(regexp_replace(a.query,
+                    '(\$[A-Za-z_0-9]*?\$).*?(\1|$)', '?', 'g'),
+                    '[A-Za-z]?&?''([^''\\]|''''|\\.)*(''|$)', '?', 'g'),
+                    '\m[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?\M', '?', 'g'), 200) AS query
     FROM pg_stat_activity AS a
     WHERE a.pid <> pg_backend_pid()
       AND a.backend_type = 'client backend'

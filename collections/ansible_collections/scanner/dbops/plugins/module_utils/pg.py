@@ -118,3 +118,115 @@ def pg_error_text(exc) -> str:
         if val:
             parts.append("%s: %s" % (label, val.strip()))
     return "; ".join(parts)
+
+
+# ---- the run lock's fencing token ----------------------------------------------------------------
+# A run holds the migration lock while the row <schema>.run_lock (lock_name 'migration') carries its run
+# id. Every write step of a locked run (scanner.dbops.step, scanner.dbops.migrate; the action plugins pass
+# run_lock_id from the run's facts) first renews that row for its own run id, and keeps renewing it from a
+# second connection while it runs: a step whose run lost the lock (its lease expired and the maintenance
+# job or another run took it, or an operator forced it) does not start, and one that is running is
+# cancelled within a third of the lease.
+LEASE_RENEW_SQL = """
+UPDATE {schema}.run_lock
+   SET renewed_at = now(), expires_at = now() + (expires_at - renewed_at)
+ WHERE lock_name = 'migration' AND run_id = %s
+RETURNING GREATEST(extract(epoch FROM expires_at - renewed_at), 1)::float8"""
+LEASE_HOLDER_SQL = """
+SELECT run_id, holder, acquired_at::text, expires_at::text FROM {schema}.run_lock WHERE lock_name = 'migration'"""
+
+
+class LeaseLost(Exception):
+    """This run no longer holds the migration run lock."""
+
+
+def _q(schema: str, text: str):
+    from psycopg2 import sql as pgsql
+    return pgsql.SQL(text).format(schema=pgsql.Identifier(schema))
+
+
+def renew_lease(conn, schema: str, run_id: str, what: str) -> float:
+    """Renew this run's lease (same length as before); return its length in seconds.
+
+    Raises LeaseLost naming the run that holds the lock now when run_id no longer holds it."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", ("%s.run_lock" % _q(schema, "{schema}").as_string(conn),))
+        if cur.fetchone()[0]:
+            cur.execute(_q(schema, LEASE_RENEW_SQL), (run_id,))
+            row = cur.fetchone()
+            if row:
+                return float(row[0])
+            cur.execute(_q(schema, LEASE_HOLDER_SQL))
+            holder = cur.fetchone()
+        else:
+            holder = None
+    if holder:
+        now_held = "it is now held by %s (run %s), who took it at %s" % (holder[1], holder[0], holder[2])
+    else:
+        now_held = "nobody holds it now (it was released)"
+    raise LeaseLost(
+        "this run (run %s) no longer holds the migration run lock: %s. Stopped %s; this run changes nothing "
+        "more. Wait for that run to finish (or check why the lease of this run was not renewed), then re-run "
+        "to continue." % (run_id, now_held, what))
+
+
+class LeaseKeeper:
+    """Renews this run's lease from its own connection every third of the lease while a step runs.
+
+    start() checks the lease first (raises LeaseLost: the step must not start). When a renewal finds
+    the lock lost, on_lost() is called once (the step module cancels its statement) and lost holds
+    the message."""
+
+    def __init__(self, params: dict, schema: str, run_id: str, what: str, on_lost=None, during="during "):
+        self.params, self.schema, self.run_id, self.what, self.during = params, schema, run_id, what, during
+        self.on_lost = on_lost
+        self.lost = None
+        self.renewals = 0
+        self._conn = None
+        self._thread = None
+        self._stop = None
+
+    def start(self):
+        import threading
+        self._conn = connect(self.params, "scanner-dbops run-lock lease")
+        try:
+            lease = renew_lease(self._conn, self.schema, self.run_id, "before " + self.what)
+        except Exception:
+            self._conn.close()
+            raise
+        self.renewals = 1
+        self.interval = max(0.5, lease / 3.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lease-keeper", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self):
+        while not self._stop.wait(self.interval):
+            try:
+                renew_lease(self._conn, self.schema, self.run_id, self.during + self.what
+                            + (" (it was cancelled)" if self.on_lost else ""))
+                self.renewals += 1
+            except LeaseLost as exc:
+                self.lost = str(exc)
+                if self.on_lost:
+                    try:
+                        self.on_lost()
+                    except Exception:  # pylint: disable=broad-except
+                        pass
+                return
+            except Exception:  # pylint: disable=broad-except
+                # A failed renewal (a network blip) is retried at the next beat; the lease is three beats long.
+                try:
+                    if self._conn.closed:
+                        self._conn = connect(self.params, "scanner-dbops run-lock lease")
+                except RuntimeError:
+                    pass
+
+    def stop(self):
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join(timeout=30)
+        if self._conn is not None:
+            self._conn.close()
+        return self.lost

@@ -75,6 +75,15 @@ options:
     description: The run's id, recorded in the ledger.
     type: str
     default: ""
+  run_lock_id:
+    description:
+      - The run id of the run lock this run holds (a fencing token). When set (and not in check mode), the
+        module first renews this run's lease in C(ledger_schema).run_lock and refuses to apply anything if
+        another run holds the lock now; while it applies files, a second connection renews the lease every
+        third of its length and cancels the statement running when the lock was lost.
+      - Set by the collection's action plugin from the fact C(run_lock_run_id) while C(run_lock_held) is true.
+    type: str
+    default: ""
   applied_by:
     description: Who runs it (operator@controller); recorded in the ledger with current_user.
     type: str
@@ -99,7 +108,7 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.scanner.dbops.plugins.module_utils.pg import (CONNECTION_ARGSPEC, HAS_PSYCOPG2, connect,
+from ansible_collections.scanner.dbops.plugins.module_utils.pg import (CONNECTION_ARGSPEC, HAS_PSYCOPG2, LeaseKeeper, LeaseLost, connect,
                                            pg_error_text, with_retries)
 from ansible_collections.scanner.dbops.plugins.module_utils.sql import (checksum, concurrent_index, is_concurrent,
                                                                          is_no_transaction, split_statements,
@@ -478,21 +487,37 @@ def main():
         include_unrecorded=dict(type="bool", default=False),
         run_id=dict(type="str", default=""),
         applied_by=dict(type="str", default=""),
+        run_lock_id=dict(type="str", default=""),
     )
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
     if not HAS_PSYCOPG2:
         module.fail_json(msg="psycopg2 is required on the host that runs this module (pip install psycopg2-binary)")
     runner = Runner(module)
+    p = module.params
+    keeper = None
+    if p["run_lock_id"] and not module.check_mode:
+        keeper = LeaseKeeper(p, p["ledger_schema"], p["run_lock_id"],
+                             "applying phase %s" % ", ".join(sorted({m.get("version", "?")[:3] for m in p["migrations"]})),
+                             on_lost=lambda: runner.conn is not None and runner.conn.cancel())
     try:
+        if keeper:
+            keeper.start()
         runner.conn = connect(module.params, "scanner-dbops migrate")
         result = runner.run()
-    except (RuntimeError, MigrationError) as exc:
-        module.fail_json(msg=str(exc), notices=runner.notices)
+    except (RuntimeError, MigrationError, LeaseLost) as exc:
+        module.fail_json(msg=(keeper.stop() if keeper else None) or str(exc), notices=runner.notices,
+                         lock_lost=isinstance(exc, LeaseLost) or bool(keeper and keeper.lost))
     except psycopg2.Error as exc:
-        module.fail_json(msg=pg_error_text(exc), notices=runner.notices)
+        lost = keeper.stop() if keeper else None
+        module.fail_json(msg=lost or pg_error_text(exc), notices=runner.notices, lock_lost=bool(lost))
     finally:
         if runner.conn is not None:
             runner.conn.close()
+    lost = keeper.stop() if keeper else None
+    if lost:
+        module.fail_json(msg=lost, notices=runner.notices, lock_lost=True)
+    if keeper:
+        result["lease_renewals"] = keeper.renewals
     result["notices"] = runner.notices
     module.exit_json(**result)
 

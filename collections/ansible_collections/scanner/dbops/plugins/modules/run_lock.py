@@ -17,10 +17,16 @@ description:
     module reports C(changed=false): a run that changes nothing in the database says so.
 options:
   state:
-    description: C(present) takes or renews the lease, C(absent) releases it (only if this run holds it), C(check) only reports.
+    description:
+      - C(present) takes or renews the lease, C(absent) releases it (only if this run holds it), C(check) only reports.
+      - C(hold) keeps the lease of this run while an Ansible async job runs (pg_dump): it renews the lease every third
+        of its length until C(async_results_file) shows the job finished, and fails at once (without taking the lock)
+        if another run holds it.
     type: str
-    choices: [present, absent, check]
+    choices: [present, absent, check, hold]
     default: present
+  async_results_file: {type: path, description: "state=hold: the results_file of the async job to wait for."}
+  timeout_seconds: {type: int, default: 86400, description: "state=hold: stop waiting (and fail) after this long."}
   run_id: {type: str, required: true, description: Unique id of this run.}
   holder: {type: str, default: "", description: Human-readable holder (operator@controller, playbook).}
   ttl_seconds: {type: int, default: 1800, description: Lease length; renewed by every call with state=present.}
@@ -31,11 +37,16 @@ options:
 RETURN = r"""
 held_by: {description: holder of the lock after the call (or the current holder when refused), type: dict}
 took_over: {description: details of a stale (expired) lease that was taken over, type: dict}
+renewals: {description: "state=hold: how many times the lease was renewed", type: int}
 """
+
+import json
+import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.scanner.dbops.plugins.module_utils.pg import CONNECTION_ARGSPEC, HAS_PSYCOPG2, connect, pg_error_text
+from ansible_collections.scanner.dbops.plugins.module_utils.pg import (CONNECTION_ARGSPEC, HAS_PSYCOPG2, LeaseKeeper, LeaseLost, connect,
+                                                                       pg_error_text)
 
 try:
     import psycopg2
@@ -61,17 +72,22 @@ COLS = ("run_id", "holder", "acquired_at", "renewed_at", "expires_at", "expired"
 def main():
     spec = dict(CONNECTION_ARGSPEC)
     spec.update(
-        state=dict(type="str", default="present", choices=["present", "absent", "check"]),
+        state=dict(type="str", default="present", choices=["present", "absent", "check", "hold"]),
         run_id=dict(type="str", required=True),
         holder=dict(type="str", default=""),
         ttl_seconds=dict(type="int", default=1800),
         force=dict(type="bool", default=False),
         ledger_schema=dict(type="str", default="dbops"),
+        async_results_file=dict(type="path"),
+        timeout_seconds=dict(type="int", default=86400),
     )
-    module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
+    module = AnsibleModule(argument_spec=spec, supports_check_mode=True,
+                           required_if=[("state", "hold", ["async_results_file"])])
     if not HAS_PSYCOPG2:
         module.fail_json(msg="psycopg2 is required on the host that runs this module")
     p = module.params
+    if p["state"] == "hold":
+        hold(module)
     schema = pgsql.Identifier(p["ledger_schema"])
 
     def q(text):
@@ -136,6 +152,42 @@ def main():
         module.fail_json(msg=pg_error_text(exc))
     finally:
         conn.close()
+
+
+def async_finished(path: str) -> bool:
+    """True when the async job's results file holds its final result (as async_status reads it)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return False   # not written yet, or being written
+    return bool(data.get("finished")) or "started" not in data
+
+
+def hold(module):
+    """Renew this run's lease until the async job is done; fail when the lock was lost."""
+    p = module.params
+    if module.check_mode:
+        module.exit_json(changed=False, renewals=0)
+    what = "waiting for the async job %s (it may still be running)" % p["async_results_file"]
+    keeper = LeaseKeeper(p, p["ledger_schema"], p["run_id"], what, during="while ")
+    try:
+        keeper.start()
+    except (LeaseLost, RuntimeError) as exc:
+        module.fail_json(msg=str(exc), lock_lost=isinstance(exc, LeaseLost))
+    except psycopg2.Error as exc:
+        module.fail_json(msg="cannot renew the run lock: %s" % pg_error_text(exc))
+    deadline = time.monotonic() + p["timeout_seconds"]
+    while not async_finished(p["async_results_file"]) and keeper.lost is None:
+        if time.monotonic() > deadline:
+            keeper.stop()
+            module.fail_json(msg="the async job %s did not finish within %d s"
+                             % (p["async_results_file"], p["timeout_seconds"]))
+        time.sleep(min(1.0, keeper.interval))
+    lost = keeper.stop()
+    if lost:
+        module.fail_json(msg=lost, lock_lost=True)
+    module.exit_json(changed=False, renewals=keeper.renewals)
 
 
 def refusal(cur):

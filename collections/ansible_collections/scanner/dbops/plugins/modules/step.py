@@ -32,6 +32,18 @@ options:
         a network cut), open a new connection and run the step again, within the same C(retries) budget.
       - Only for idempotent steps (every C(dbops.p2_*) step is: a step whose effect was committed before
         the cut answers "already ..." on the second call). A cut before COMMIT rolled the attempt back.
+  run_lock_id:
+    type: str
+    default: ""
+    description:
+      - The run id of the run lock this step runs under (a fencing token). When set, the step first renews
+        this run's lease in C(ledger_schema).run_lock and refuses to start if another run holds the lock
+        now (its lease expired and another run or the maintenance job took it, or an operator forced it);
+        while the step runs, a second connection renews the lease every third of its length, and cancels
+        the step if the lock was lost.
+      - Set by the collection's action plugin from the fact C(run_lock_run_id) while C(run_lock_held) is
+        true (roles/run_lock acquire/release); C("") checks nothing. Not checked in check mode (no lock is taken).
+  ledger_schema: {type: str, default: dbops, description: Schema of the run_lock table.}
   unchanged_statuses:
     type: list
     elements: str
@@ -44,6 +56,7 @@ result: {description: the step's return value (decoded json), type: raw}
 notices: {description: PostgreSQL notices raised during the step, type: list}
 attempts: {description: how many times the step ran on its last connection (1 = no retry), type: int}
 reconnects: {description: how many times the connection was reopened (reconnect=true), type: int}
+lease_renewals: {description: how many times the run lock's lease was renewed for this step (run_lock_id set), type: int}
 """
 
 import json
@@ -51,7 +64,8 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.scanner.dbops.plugins.module_utils.pg import CONNECTION_ARGSPEC, HAS_PSYCOPG2, connect, pg_error_text, with_retries
+from ansible_collections.scanner.dbops.plugins.module_utils.pg import (CONNECTION_ARGSPEC, HAS_PSYCOPG2, LeaseKeeper, LeaseLost, connect,
+                                                                       pg_error_text, with_retries)
 
 try:
     import psycopg2
@@ -94,6 +108,8 @@ def main():
         retries=dict(type="int", default=8),
         retry_delay=dict(type="float", default=0.5),
         reconnect=dict(type="bool", default=False),
+        run_lock_id=dict(type="str", default=""),
+        ledger_schema=dict(type="str", default="dbops"),
         unchanged_statuses=dict(type="list", elements="str",
                                 default=["noop", "already done", "already swapped", "already prepared",
                                          "already verified", "already finalized", "not swapped", "nothing to do",
@@ -113,6 +129,27 @@ def main():
     notices = []
     t0 = time.monotonic()
     state = {"conn": conn, "reconnects": 0}
+    keeper = None
+    if p["run_lock_id"] and not module.check_mode:
+        keeper = LeaseKeeper(p, p["ledger_schema"], p["run_lock_id"], "the step `%s`%s" % (
+            p["sql"].strip(), " with %s" % json.dumps(p["args"], sort_keys=True, default=str) if p["args"] else ""),
+                             on_lost=lambda: state["conn"].cancel())
+        try:
+            keeper.start()
+        except (LeaseLost, RuntimeError) as exc:
+            conn.close()
+            module.fail_json(msg=str(exc), lock_lost=isinstance(exc, LeaseLost), notices=[], attempts=0)
+        except psycopg2.Error as exc:
+            conn.close()
+            module.fail_json(msg="cannot check the run lock before the step: %s" % pg_error_text(exc))
+
+    def stop_keeper():
+        """Stop renewing; when the lock was lost during the step, fail saying so."""
+        lost = keeper.stop() if keeper else None
+        if lost:
+            notices.extend(drain(state["conn"]))
+            state["conn"].close()
+            module.fail_json(msg=lost, lock_lost=True, notices=notices)
 
     def attempt():
         with state["conn"].cursor() as cur:
@@ -131,6 +168,8 @@ def main():
             value, attempts = with_retries(attempt, budget, p["retry_delay"], on_retry=on_retry)
             break
         except psycopg2.Error as exc:
+            if keeper and keeper.lost:
+                stop_keeper()
             lost = connection_lost(state["conn"], exc)
             notices.extend(drain(state["conn"]))
             state["conn"].close()
@@ -143,14 +182,19 @@ def main():
                 try:
                     state["conn"] = connect(p, "scanner-dbops step")
                 except RuntimeError as cexc:
+                    if keeper:
+                        keeper.stop()
                     module.fail_json(msg="step interrupted: the connection was lost and could not be reopened: %s"
                                      % cexc, notices=notices)
                 continue
+            if keeper:
+                keeper.stop()
             module.fail_json(msg="step failed after %d attempt(s), nothing of the failed attempt was kept: %s%s"
                              % (len([n for n in notices if n.startswith(("retry ", "reconnect "))]) + 1,
                                 pg_error_text(exc),
                                 " (connection lost; the step is safe to run again)" if lost else ""),
                              notices=notices)
+    stop_keeper()
     conn = state["conn"]
     notices.extend(conn.notices.drain())
     conn.close()
@@ -161,6 +205,7 @@ def main():
             pass
     changed = False if p["read_only"] else decide_changed(value, p["unchanged_statuses"])
     module.exit_json(changed=changed, result=value, notices=notices, attempts=attempts, reconnects=state["reconnects"],
+                     lease_renewals=keeper.renewals if keeper else 0,
                      duration_ms=int((time.monotonic() - t0) * 1000))
 
 
