@@ -29,7 +29,18 @@ BEGIN
     IF d.relowner <> s.relowner THEN
         EXECUTE format('ALTER TABLE %s OWNER TO %I', dst, pg_get_userbyid(s.relowner));
     END IF;
-    FOR r IN SELECT i.inhrelid::regclass AS part FROM pg_inherits i WHERE i.inhparent = dst ORDER BY i.inhrelid LOOP
+    -- only the partitions whose owner or settings differ (one catalog query: the swap runs this under its lock)
+    FOR r IN
+        WITH m AS (SELECT coalesce(c.reloptions, '{}') AS o, coalesce(t.reloptions, '{}') AS tt
+                   FROM pg_class c LEFT JOIN pg_class t ON t.oid = c.reltoastrelid WHERE c.oid = src)
+        SELECT c.oid::regclass AS part
+        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid LEFT JOIN pg_class t ON t.oid = c.reltoastrelid, m
+        WHERE i.inhparent = dst
+          AND (c.relowner <> s.relowner
+               OR NOT (coalesce(c.reloptions, '{}') @> m.o AND coalesce(c.reloptions, '{}') <@ m.o)
+               OR NOT (coalesce(t.reloptions, '{}') @> m.tt AND coalesce(t.reloptions, '{}') <@ m.tt))
+        ORDER BY c.oid
+    LOOP
         IF dbops.p2_adopt_partition(dst, r.part, src) THEN
             n_parts := n_parts + 1;
         END IF;
@@ -57,7 +68,7 @@ BEGIN
     FOR r IN SELECT dst AS rel, d.relreplident AS have, NULL::regclass AS parent_idx
              UNION ALL
              SELECT c.oid::regclass, c.relreplident, NULL FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-             WHERE i.inhparent = dst LOOP
+             WHERE i.inhparent = dst AND (s.relreplident = 'i' OR c.relreplident <> s.relreplident) LOOP
         IF s.relreplident = 'i' AND ri_dst IS NOT NULL THEN
             IF r.rel = dst THEN
                 ri_part := ri_dst;
