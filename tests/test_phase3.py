@@ -302,10 +302,11 @@ def test_partitioned_reverse_sync_after_phase3(site_run):
     db.query("UPDATE bcfy_calls_raw SET processed = true, processing_stage = 'completed' WHERE call_uid = %s", (uid,))
     assert db.query("SELECT processed, processing_stage FROM bcfy_calls_raw WHERE call_uid = %s", (uid,)) == [
         (True, "completed")]
-    # the reverse-sync trigger (explicit column list) still writes the old copy; the new columns
-    # there keep their defaults
+    # the reverse-sync trigger copies the columns both copies share now, Phase 3's included (a
+    # rollback of Phase 2 keeps them; it once left them at their defaults)
+    db.query("UPDATE bcfy_calls_raw SET retry_count = 2 WHERE call_uid = %s", (uid,))
     assert db.query("SELECT processed, processing_stage, retry_count FROM bcfy_calls_raw_nonpartitioned "
-                    "WHERE call_uid = %s", (uid,)) == [(True, "pending", 0)]
+                    "WHERE call_uid = %s", (uid,)) == [(True, "completed", 2)]
     assert db.scalar("SELECT dbops.p2_verify('bcfy_calls_raw')")["status"] == "ok"
 
 

@@ -133,3 +133,58 @@ BEGIN
 END
 $$;
 
+
+-- A partition as its parent's other partitions: the parent's owner (partitions created by whoever
+-- runs the engine or maintain_partitions() would otherwise belong to that role: an RDS master user
+-- granted the owner role, see docs/RDS.md), and the storage / autovacuum settings (reloptions, also
+-- toast.*) of model, by default the parent's DEFAULT partition (a partitioned parent holds none:
+-- the engine gives every partition those of the table it replaced). ALTER TABLE ... OWNER TO needs
+-- the caller to be a member of the owner role (p2_prepare checks it). Returns true when it changed
+-- something.
+CREATE OR REPLACE FUNCTION dbops.p2_adopt_partition(parent regclass, part regclass, model regclass DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    want_owner oid;
+    p record;
+    m record;
+    changed boolean := false;
+BEGIN
+    SELECT relowner INTO want_owner FROM pg_class WHERE oid = parent;
+    IF model IS NULL THEN
+        SELECT i.inhrelid INTO model FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = parent AND i.inhrelid <> part AND pg_get_expr(c.relpartbound, c.oid) = 'DEFAULT';
+    END IF;
+    SELECT c.relowner, coalesce(c.reloptions, '{}') AS opts, coalesce(t.reloptions, '{}') AS topts INTO p
+    FROM pg_class c LEFT JOIN pg_class t ON t.oid = c.reltoastrelid WHERE c.oid = part;
+    IF p.relowner <> want_owner THEN
+        EXECUTE format('ALTER TABLE %s OWNER TO %I', part, pg_get_userbyid(want_owner));
+        changed := true;
+    END IF;
+    IF model IS NOT NULL THEN
+        SELECT coalesce(c.reloptions, '{}') AS opts, coalesce(t.reloptions, '{}') AS topts INTO m
+        FROM pg_class c LEFT JOIN pg_class t ON t.oid = c.reltoastrelid WHERE c.oid = model;
+        IF NOT (p.opts @> m.opts AND p.opts <@ m.opts AND p.topts @> m.topts AND p.topts <@ m.topts) THEN
+            IF cardinality(p.opts) + cardinality(p.topts) > 0 THEN
+                EXECUTE format('ALTER TABLE %s RESET (%s)', part, (
+                    SELECT string_agg(x, ', ') FROM (
+                        SELECT split_part(o, '=', 1) AS x FROM unnest(p.opts) o
+                        UNION ALL SELECT 'toast.' || split_part(o, '=', 1) FROM unnest(p.topts) o) y));
+            END IF;
+            IF cardinality(m.opts) + cardinality(m.topts) > 0 THEN
+                EXECUTE format('ALTER TABLE %s SET (%s)', part, (
+                    SELECT string_agg(x, ', ') FROM (
+                        SELECT format('%s = %L', split_part(o, '=', 1), substr(o, strpos(o, '=') + 1)) AS x
+                        FROM unnest(m.opts) o
+                        UNION ALL
+                        SELECT format('toast.%s = %L', split_part(o, '=', 1), substr(o, strpos(o, '=') + 1))
+                        FROM unnest(m.topts) o) y));
+            END IF;
+            changed := true;
+        END IF;
+    END IF;
+    RETURN changed;
+END
+$$;

@@ -306,7 +306,10 @@ BEGIN
 END
 $$;
 
--- Table privileges of src granted the same way on dst (idempotent; the owner's are implicit).
+-- Table privileges of dst made equal to those of src (idempotent): what src has and dst lacks is
+-- granted, what dst has and src lacks is revoked (a REVOKE made between prepare and swap is carried).
+-- Both owners are normally the same (p2_match_props sets it first); when they differ, the owners'
+-- own entries are left alone. Returns the number of GRANT / REVOKE statements run.
 CREATE OR REPLACE FUNCTION dbops.p2_copy_grants(src regclass, dst regclass) RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -314,13 +317,24 @@ AS $$
 DECLARE
     r record;
     n integer := 0;
+    owners oid [];
 BEGIN
-    FOR r IN SELECT a.grantee, a.privilege_type, a.is_grantable, c.relowner
-             FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = src LOOP
-        CONTINUE WHEN r.grantee = r.relowner;
-        EXECUTE format('GRANT %s ON %s TO %s%s', r.privilege_type, dst,
+    SELECT array_agg(DISTINCT relowner) INTO owners FROM pg_class WHERE oid IN (src, dst);
+    FOR r IN
+        WITH s AS (SELECT a.grantee, a.privilege_type, a.is_grantable
+                   FROM pg_class c, aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a WHERE c.oid = src),
+        d AS (SELECT a.grantee, a.privilege_type, a.is_grantable
+              FROM pg_class c, aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a WHERE c.oid = dst)
+        SELECT * FROM (
+            SELECT 'REVOKE' AS op, * FROM (SELECT * FROM d EXCEPT SELECT * FROM s) x
+            UNION ALL
+            SELECT 'GRANT' AS op, * FROM (SELECT * FROM s EXCEPT SELECT * FROM d) y) z
+        WHERE cardinality(owners) = 1 OR z.grantee <> ALL (owners)
+        ORDER BY op DESC, grantee, privilege_type
+    LOOP
+        EXECUTE format('%s %s ON %s %s %s%s', r.op, r.privilege_type, dst, CASE r.op WHEN 'GRANT' THEN 'TO' ELSE 'FROM' END,
                        CASE WHEN r.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(r.grantee)) END,
-                       CASE WHEN r.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+                       CASE WHEN r.op = 'GRANT' AND r.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
         n := n + 1;
     END LOOP;
     RETURN n;

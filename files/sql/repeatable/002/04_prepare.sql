@@ -2,6 +2,98 @@
 -- starts the capture trigger. Ansible calls it once per table (scanner.dbops.step).
 
 -- ---------------------------------------------------------------------------------------------
+-- The partitioned copy takes the plain table's properties (prepare, and again at the swap)
+-- ---------------------------------------------------------------------------------------------
+-- src: the plain table, dst: the partitioned one (named <tbl>_p, before the swap's renames).
+-- Owner (parent and every partition: whoever runs the engine creates them, a member of the owner
+-- role on RDS), privileges (p2_copy_grants: grants and revokes), table and column comments, storage /
+-- autovacuum settings (on each partition: a partitioned parent holds none) and replica identity.
+-- Catalog-only, no data touched; changes only what differs (a second call does nothing).
+CREATE OR REPLACE FUNCTION dbops.p2_match_props(tbl text, src regclass, dst regclass) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s record;
+    d record;
+    r record;
+    ri_dst regclass;
+    ri_part regclass;
+    n_parts integer := 0;
+    n_acl integer;
+    n_comments integer := 0;
+    n_ri integer := 0;
+BEGIN
+    SELECT c.relowner, c.relreplident, obj_description(c.oid, 'pg_class') AS descr INTO s FROM pg_class c WHERE c.oid = src;
+    SELECT c.relowner, c.relreplident, obj_description(c.oid, 'pg_class') AS descr INTO d FROM pg_class c WHERE c.oid = dst;
+    IF d.relowner <> s.relowner THEN
+        EXECUTE format('ALTER TABLE %s OWNER TO %I', dst, pg_get_userbyid(s.relowner));
+    END IF;
+    -- only the partitions whose owner or settings differ (one catalog query: the swap runs this under its lock)
+    FOR r IN
+        WITH m AS (SELECT coalesce(c.reloptions, '{}') AS o, coalesce(t.reloptions, '{}') AS tt
+                   FROM pg_class c LEFT JOIN pg_class t ON t.oid = c.reltoastrelid WHERE c.oid = src)
+        SELECT c.oid::regclass AS part
+        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid LEFT JOIN pg_class t ON t.oid = c.reltoastrelid, m
+        WHERE i.inhparent = dst
+          AND (c.relowner <> s.relowner
+               OR NOT (coalesce(c.reloptions, '{}') @> m.o AND coalesce(c.reloptions, '{}') <@ m.o)
+               OR NOT (coalesce(t.reloptions, '{}') @> m.tt AND coalesce(t.reloptions, '{}') <@ m.tt))
+        ORDER BY c.oid
+    LOOP
+        IF dbops.p2_adopt_partition(dst, r.part, src) THEN
+            n_parts := n_parts + 1;
+        END IF;
+    END LOOP;
+    n_acl := dbops.p2_copy_grants(src, dst);
+    IF d.descr IS DISTINCT FROM s.descr THEN
+        EXECUTE format('COMMENT ON TABLE %s IS %L', dst, s.descr);
+        n_comments := n_comments + 1;
+    END IF;
+    FOR r IN SELECT a.attname, col_description(src, a.attnum) AS want, col_description(dst, b.attnum) AS have
+             FROM pg_attribute a JOIN pg_attribute b ON b.attrelid = dst AND b.attname = a.attname AND NOT b.attisdropped
+             WHERE a.attrelid = src AND a.attnum > 0 AND NOT a.attisdropped LOOP
+        IF r.want IS DISTINCT FROM r.have THEN
+            EXECUTE format('COMMENT ON COLUMN %s.%I IS %L', dst, r.attname, r.want);
+            n_comments := n_comments + 1;
+        END IF;
+    END LOOP;
+    -- replica identity: DEFAULT (the primary key), FULL, NOTHING, or USING INDEX (the copy of that index)
+    IF s.relreplident = 'i' THEN
+        SELECT to_regclass(format('public.%I', o.shadow_name)) INTO ri_dst
+        FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+        JOIN dbops.p2_objects o ON o.table_name = tbl AND o.orig_name = ic.relname
+        WHERE i.indrelid = src AND i.indisreplident;
+    END IF;
+    FOR r IN SELECT dst AS rel, d.relreplident AS have, NULL::regclass AS parent_idx
+             UNION ALL
+             SELECT c.oid::regclass, c.relreplident, NULL FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = dst AND (s.relreplident = 'i' OR c.relreplident <> s.relreplident) LOOP
+        IF s.relreplident = 'i' AND ri_dst IS NOT NULL THEN
+            IF r.rel = dst THEN
+                ri_part := ri_dst;
+            ELSE
+                SELECT ci.indexrelid::regclass INTO ri_part FROM pg_inherits ih JOIN pg_index ci ON ci.indexrelid = ih.inhrelid
+                WHERE ih.inhparent = ri_dst AND ci.indrelid = r.rel;
+            END IF;
+            IF ri_part IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_index WHERE indexrelid = ri_part AND indisreplident) THEN
+                EXECUTE format('ALTER TABLE %s REPLICA IDENTITY USING INDEX %I', r.rel,
+                               (SELECT relname FROM pg_class WHERE oid = ri_part));
+                n_ri := n_ri + 1;
+            END IF;
+        ELSIF s.relreplident IN ('d', 'f', 'n') AND r.have <> s.relreplident THEN
+            EXECUTE format('ALTER TABLE %s REPLICA IDENTITY %s', r.rel,
+                           CASE s.relreplident WHEN 'd' THEN 'DEFAULT' WHEN 'f' THEN 'FULL' ELSE 'NOTHING' END);
+            n_ri := n_ri + 1;
+        END IF;
+    END LOOP;
+    RETURN jsonb_build_object('owner', pg_get_userbyid(s.relowner), 'owner_changed', d.relowner <> s.relowner,
+                              'partitions_adjusted', n_parts, 'privilege_changes', n_acl, 'comment_changes', n_comments,
+                              'replica_identity_changes', n_ri);
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
 -- Step 1: prepare
 -- ---------------------------------------------------------------------------------------------
 -- Creates public.<tbl>_p (same columns, order, types, defaults, generated column, NOT NULL,
@@ -82,7 +174,15 @@ BEGIN
                 shadow, twin, tbl || '_default';
         END IF;
         IF NOT pg_has_role(current_user, (SELECT relowner FROM pg_class WHERE oid = src), 'USAGE') THEN
-            RAISE EXCEPTION 'p2_prepare: run the engine as the owner of public.% (or a member of its role)', tbl;
+            RAISE EXCEPTION 'p2_prepare: % is not a member of %, the owner of public.%: the partitioned table could not be given to that owner',
+                current_user, pg_get_userbyid((SELECT relowner FROM pg_class WHERE oid = src)), tbl
+                USING HINT = format('Run the engine as the owner, or GRANT %I TO %I (a member that inherits its privileges: the RDS setup, docs/RDS.md).',
+                                    pg_get_userbyid((SELECT relowner FROM pg_class WHERE oid = src)), current_user);
+        END IF;
+        IF NOT has_schema_privilege((SELECT relowner FROM pg_class WHERE oid = src), 'public', 'CREATE') THEN
+            RAISE EXCEPTION 'p2_prepare: %, the owner of public.%, has no CREATE privilege on schema public: the partitioned table could not be given to it',
+                pg_get_userbyid((SELECT relowner FROM pg_class WHERE oid = src)), tbl
+                USING HINT = format('GRANT CREATE ON SCHEMA public TO %I;', pg_get_userbyid((SELECT relowner FROM pg_class WHERE oid = src)));
         END IF;
         IF (SELECT relrowsecurity FROM pg_class WHERE oid = src) THEN
             RAISE EXCEPTION 'p2_prepare: row level security on public.% is not supported', tbl;
@@ -321,6 +421,8 @@ BEGIN
             b := dbops.p2_next(v_unit, b);
         END LOOP;
         EXECUTE format('CREATE TABLE public.%I PARTITION OF public.%I DEFAULT', tbl || '_default', shadow);
+        -- owner, privileges, comments, storage settings, replica identity of the source (again at the swap)
+        PERFORM dbops.p2_match_props(tbl, src, format('public.%I', shadow)::regclass);
 
         -- ---------------------------------------------------------------- references
         PERFORM dbops.p2_capture_refs(tbl);

@@ -53,7 +53,8 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- src is the plain table (its partition key derived with key_expr, NULL keys included), dst the
 -- partitioned one. The checksum is the sum of a 64-bit hash of each row's text over every column
--- (the generated tsv included: both sides compute it). Ranges are the partition buckets.
+-- the two tables share now (the generated tsv included: both sides compute it; columns added to
+-- both after prepare, e.g. by Phase 3, included). Ranges are the partition buckets.
 CREATE OR REPLACE FUNCTION dbops.p2_compare(tbl text, src text, dst text) RETURNS jsonb
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -62,10 +63,13 @@ AS $$
 DECLARE
     st dbops.p2_state;
     dflt regclass;
+    cols text [];
     res jsonb;
 BEGIN
     SELECT * INTO STRICT st FROM dbops.p2_state WHERE table_name = tbl;
     dflt := to_regclass(format('public.%I', tbl || '_default'));
+    -- the columns both tables have now (Phase 3 adds columns to both copies after a swap)
+    cols := dbops.p2_shared_cols(format('public.%I', src)::regclass, format('public.%I', dst)::regclass, false);
     EXECUTE format($q$
         WITH s AS (
             SELECT date_trunc(%1$L, %2$s, 'UTC') AS b, count(*) AS n,
@@ -91,9 +95,18 @@ BEGIN
                 'source_rows', sn, 'target_rows', dn, 'source_checksum', sh::text,
                 'target_checksum', dh::text) ORDER BY b) FILTER (WHERE sn <> dn OR sh <> dh), '[]'))
         FROM j $q$,
-        st.unit, st.key_expr, dbops.p2_collist(st.all_cols, st.key_col, st.key_expr), st.key_col, src,
-        dbops.p2_collist(st.all_cols), coalesce(dflt::oid, 0), dst)
+        st.unit, st.key_expr, dbops.p2_collist(cols, st.key_col, st.key_expr), st.key_col, src,
+        dbops.p2_collist(cols), coalesce(dflt::oid, 0), dst)
     INTO res;
-    RETURN res;
+    RETURN res || jsonb_build_object(
+        'columns_compared', cardinality(cols),
+        'columns_only_in_source', to_jsonb(ARRAY(
+            SELECT c FROM unnest(dbops.p2_shared_cols(format('public.%I', src)::regclass,
+                                                      format('public.%I', src)::regclass, false)) c
+            WHERE c <> ALL (cols))),
+        'columns_only_in_target', to_jsonb(ARRAY(
+            SELECT c FROM unnest(dbops.p2_shared_cols(format('public.%I', dst)::regclass,
+                                                      format('public.%I', dst)::regclass, false)) c
+            WHERE c <> ALL (cols))));
 END
 $$;

@@ -36,6 +36,14 @@ BEGIN
 END
 $$;
 
+-- ALTER TABLE ... <state> TRIGGER for a pg_trigger.tgenabled value.
+CREATE OR REPLACE FUNCTION dbops.p2_trigger_state(tgenabled text) RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE tgenabled WHEN 'D' THEN 'DISABLE' WHEN 'R' THEN 'ENABLE REPLICA' WHEN 'A' THEN 'ENABLE ALWAYS' ELSE 'ENABLE' END
+$$;
+
 -- ---------------------------------------------------------------------------------------------
 -- Step 4: swap (one short transaction)
 -- ---------------------------------------------------------------------------------------------
@@ -61,6 +69,8 @@ DECLARE
     t0 timestamptz;
     t_lock timestamptz;
     pkcols text;
+    props jsonb;
+    pubwarn jsonb;
 BEGIN
     SELECT * INTO st FROM dbops.p2_state WHERE table_name = tbl FOR UPDATE;
     IF FOUND AND st.step IN ('swapped', 'finalized') THEN
@@ -90,15 +100,36 @@ BEGIN
         END IF;
     END IF;
     views := dbops.p2_dependent_views(format('public.%I', tbl)::regclass);
-    FOR t IN SELECT tg.tgname, pg_get_triggerdef(tg.oid) AS def FROM pg_trigger tg
+    FOR t IN SELECT tg.tgname, pg_get_triggerdef(tg.oid) AS def, tg.tgenabled FROM pg_trigger tg
              JOIN pg_proc p ON p.oid = tg.tgfoid
              WHERE tg.tgrelid = format('public.%I', tbl)::regclass AND NOT tg.tgisinternal
                AND p.pronamespace <> 'dbops'::regnamespace
     LOOP
-        utrig := utrig || jsonb_build_object('name', t.tgname, 'def', t.def);
+        utrig := utrig || jsonb_build_object('name', t.tgname, 'def', t.def, 'enabled', t.tgenabled);
+    END LOOP;
+    -- publications: the partitioned table is not in the old table's publications (FOR ALL TABLES /
+    -- TABLES IN SCHEMA ones publish it, through its partitions unless publish_via_partition_root)
+    SELECT coalesce(jsonb_agg(format('public.%I is in publication %s (%s): %s', tbl, pb.pubname,
+                                     CASE WHEN pb.puballtables THEN 'FOR ALL TABLES'
+                                          WHEN pr.prrelid IS NOT NULL THEN 'FOR TABLE'
+                                          ELSE 'FOR TABLES IN SCHEMA' END,
+                                     CASE WHEN pr.prrelid IS NOT NULL
+                                          THEN format('add the partitioned table after the swap (ALTER PUBLICATION %I ADD TABLE public.%I) '
+                                                      'and refresh the subscriptions', pb.pubname, tbl)
+                                          ELSE 'its changes are now published per partition unless publish_via_partition_root = true; '
+                                               'check the subscribers' END)), '[]')
+    INTO pubwarn
+    FROM pg_publication pb
+    LEFT JOIN pg_publication_rel pr ON pr.prpubid = pb.oid AND pr.prrelid = format('public.%I', tbl)::regclass
+    WHERE pb.puballtables OR pr.prrelid IS NOT NULL
+       OR EXISTS (SELECT 1 FROM pg_publication_namespace pn WHERE pn.pnpubid = pb.oid AND pn.pnnspid = 'public'::regnamespace);
+    FOR g IN SELECT * FROM jsonb_array_elements(pubwarn) LOOP
+        RAISE WARNING 'p2_swap: %', g #>> '{}';
     END LOOP;
 
-    PERFORM dbops.p2_copy_grants(format('public.%I', tbl)::regclass, format('public.%I', st.shadow_name)::regclass);
+    -- owner (parent, partitions), privileges as of now (grants and revokes since prepare), comments,
+    -- storage / autovacuum settings, replica identity: catalog only, nothing done when unchanged
+    props := dbops.p2_match_props(tbl, format('public.%I', tbl)::regclass, format('public.%I', st.shadow_name)::regclass);
     EXECUTE format('DROP TRIGGER p2_sync_fwd ON public.%I', tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS p2_block_truncate ON public.%I', tbl);
     FOR o IN SELECT * FROM dbops.p2_objects WHERE table_name = tbl LOOP
@@ -133,6 +164,9 @@ BEGIN
     -- receives the reverse sync; firing them twice would double their effects)
     FOR g IN SELECT * FROM jsonb_array_elements(utrig) LOOP
         EXECUTE g ->> 'def';
+        IF g ->> 'enabled' <> 'O' THEN   -- same firing state as on the old table (disabled, replica, always)
+            EXECUTE format('ALTER TABLE public.%I %s TRIGGER %I', tbl, dbops.p2_trigger_state(g ->> 'enabled'), g ->> 'name');
+        END IF;
         EXECUTE format('ALTER TABLE public.%I DISABLE TRIGGER %I', st.twin_name, g ->> 'name');
     END LOOP;
     views := dbops.p2_repoint_views(views);
@@ -140,10 +174,11 @@ BEGIN
 
     UPDATE dbops.p2_state SET step = 'swapped', swapped_at = now(), user_triggers = utrig, updated_at = now()
     WHERE table_name = tbl;
+    PERFORM dbops.p2_sync_functions(tbl);   -- the reverse function, for the columns both share now
     RETURN dbops.p2_log(tbl, 'swap', jsonb_build_object(
         'status', 'swapped', 'changed', true, 'table', tbl, 'old_table', st.twin_name,
         'rows', n_src, 'recount', recount, 'views_repointed', views, 'references', refs,
-        'guards', st.guards, 'user_triggers', utrig,
+        'guards', st.guards, 'user_triggers', utrig, 'properties', props, 'warnings', pubwarn,
         'lock_wait_ms', round(extract(epoch FROM t_lock - t0)::numeric * 1000, 1),
         'locked_ms', round(extract(epoch FROM clock_timestamp() - t_lock)::numeric * 1000, 1)));
 END
@@ -199,7 +234,8 @@ BEGIN
     PERFORM dbops.p2_copy_grants(format('public.%I', tbl)::regclass, format('public.%I', st.twin_name)::regclass);
     FOR g IN SELECT * FROM jsonb_array_elements(st.user_triggers) LOOP
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON public.%I', g ->> 'name', tbl);
-        EXECUTE format('ALTER TABLE public.%I ENABLE TRIGGER %I', st.twin_name, g ->> 'name');
+        EXECUTE format('ALTER TABLE public.%I %s TRIGGER %I', st.twin_name,
+                       dbops.p2_trigger_state(coalesce(g ->> 'enabled', 'O')), g ->> 'name');
     END LOOP;
     FOR t IN SELECT tg.tgname FROM pg_trigger tg
              WHERE tg.tgrelid = format('public.%I', tbl)::regclass AND tg.tgparentid = 0
@@ -228,12 +264,79 @@ BEGIN
     UPDATE dbops.p2_state SET step = 'backfilled', rolled_back_at = now(), swapped_at = NULL,
            verified_at = NULL, verify_result = NULL, user_triggers = '[]', updated_at = now()
     WHERE table_name = tbl;
+    PERFORM dbops.p2_sync_functions(tbl);   -- the forward function, for the columns both share now
     RETURN dbops.p2_log(tbl, 'rollback', jsonb_build_object(
         'status', 'rolled back', 'changed', true, 'table', tbl, 'partitioned_table_kept_as', st.shadow_name,
         'rows', n_old, 'views_repointed', views, 'references', refs,
         'next', 'SELECT dbops.p2_validate_refs();  -- validates the foreign keys re-added NOT VALID',
         'lock_wait_ms', round(extract(epoch FROM t_lock - t0)::numeric * 1000, 1),
         'locked_ms', round(extract(epoch FROM clock_timestamp() - t_lock)::numeric * 1000, 1)));
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Before a rollback drops the partitioned copy: both copies must hold the same rows and values
+-- ---------------------------------------------------------------------------------------------
+-- Swapped: the old plain copy (what the rollback gives back) vs the partitioned table; rolled back
+-- (step backfilled / verified with rolled_back_at): the restored table vs <tbl>_p, about to be
+-- dropped by p2_abort. Counts and checksums per range over every column the two share now (Phase
+-- 3's columns included), in one snapshot, whatever the size; no lock beyond reads (call it outside
+-- the swap's exclusive lock). Raises, naming the differing ranges, when they differ or when the
+-- copy to be dropped has columns the kept one lacks. Nothing is changed either way.
+CREATE OR REPLACE FUNCTION dbops.p2_rollback_check(tbl text) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    st dbops.p2_state;
+    kept text;
+    dropped text;
+    res jsonb;
+    ranges text;
+    n integer;
+    t0 timestamptz := clock_timestamp();
+BEGIN
+    SELECT * INTO st FROM dbops.p2_state WHERE table_name = tbl;
+    IF NOT FOUND OR st.step = 'finalized' OR (st.step <> 'swapped' AND st.rolled_back_at IS NULL) THEN
+        RETURN jsonb_build_object('status', 'nothing to check', 'changed', false, 'table', tbl,
+                                  'step', coalesce(st.step, 'none'));
+    END IF;
+    IF st.step = 'swapped' THEN
+        kept := st.twin_name;
+        dropped := tbl;
+    ELSE
+        kept := tbl;
+        dropped := st.shadow_name;
+    END IF;
+    IF to_regclass(format('public.%I', dropped)) IS NULL THEN
+        RETURN jsonb_build_object('status', 'nothing to check', 'changed', false, 'table', tbl, 'step', st.step);
+    END IF;
+    res := dbops.p2_compare(tbl, kept, dropped);
+    res := res || jsonb_build_object('table', tbl, 'kept', kept, 'dropped_later', dropped,
+                                     'seconds', round(extract(epoch FROM clock_timestamp() - t0)::numeric, 3));
+    n := jsonb_array_length(res -> 'mismatches');
+    IF n > 0 OR jsonb_array_length(res -> 'columns_only_in_target') > 0 THEN
+        PERFORM dbops.p2_log(tbl, 'rollback check failed', res);
+        SELECT string_agg(format('[%s, %s): %s rows in %s / %s rows in %s%s', m ->> 'range_start', m ->> 'range_end',
+                                 m ->> 'source_rows', kept, m ->> 'target_rows', dropped,
+                                 CASE WHEN m ->> 'source_rows' = m ->> 'target_rows' THEN ', values differ' ELSE '' END),
+                          '; ' ORDER BY o)
+        INTO ranges
+        FROM jsonb_array_elements(res -> 'mismatches') WITH ORDINALITY AS x (m, o)
+        WHERE o <= 20;
+        RAISE EXCEPTION 'rollback of % refused: public.% and public.% differ in % range(s)%s%s',
+            tbl, kept, dropped, n, CASE WHEN n > 0 THEN ': ' || ranges || CASE WHEN n > 20 THEN '; ...' ELSE '' END ELSE '' END,
+            CASE WHEN jsonb_array_length(res -> 'columns_only_in_target') > 0
+                 THEN format('; columns only in %s (their values would be lost): %s', dropped,
+                             (SELECT string_agg(c, ', ') FROM jsonb_array_elements_text(res -> 'columns_only_in_target') c))
+                 ELSE '' END
+            USING DETAIL = res::text,
+                  HINT = format('Nothing was changed or dropped. public.%s still holds what public.%s lacks: '
+                                'find the rows of these ranges, bring public.%s up to date, then run the rollback again.',
+                                dropped, kept, kept);
+    END IF;
+    res := res || jsonb_build_object('status', 'ok', 'changed', false);
+    RETURN dbops.p2_log(tbl, 'rollback check', res);
 END
 $$;
 
@@ -303,6 +406,8 @@ BEGIN
     IF st.step IN ('swapped', 'finalized') THEN
         RAISE EXCEPTION 'p2_abort: % is %: use dbops.p2_rollback first', tbl, st.step;
     END IF;
+    -- after a rollback the partitioned copy was live: compare before dropping it (raises on a difference)
+    PERFORM dbops.p2_rollback_check(tbl);
     PERFORM dbops.p2_default_lock_timeout();
     EXECUTE format('DROP TRIGGER IF EXISTS p2_sync_fwd ON public.%I', tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS p2_block_truncate ON public.%I', tbl);

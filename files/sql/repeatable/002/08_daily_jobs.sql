@@ -80,6 +80,7 @@ BEGIN
                 BEGIN
                     EXECUTE format('CREATE TABLE public.%I (LIKE %s INCLUDING DEFAULTS INCLUDING CONSTRAINTS '
                                    'INCLUDING GENERATED INCLUDING STORAGE INCLUDING COMPRESSION)', pname, par);
+                    PERFORM dbops.p2_adopt_partition(par, format('public.%I', pname)::regclass);   -- parent's owner, settings
                     EXECUTE format('ALTER TABLE %s ATTACH PARTITION public.%I FOR VALUES FROM (%s) TO (%s)',
                                    par, pname, dbops.p2_lit(b), dbops.p2_lit(dbops.p2_next(pol.partition_interval, b)));
                     created := created || to_jsonb(pname);
@@ -101,6 +102,7 @@ BEGIN
                 BEGIN
                     EXECUTE format('CREATE TABLE public.%I (LIKE %s INCLUDING DEFAULTS INCLUDING CONSTRAINTS '
                                    'INCLUDING GENERATED INCLUDING STORAGE INCLUDING COMPRESSION)', pname, par);
+                    PERFORM dbops.p2_adopt_partition(par, format('public.%I', pname)::regclass);   -- parent's owner, settings
                     -- the engine's triggers on DEFAULT off for the move (see above), each back to its mode
                     SELECT coalesce(array_agg(tg.tgname::text ORDER BY tg.tgname), '{}'),
                            coalesce(array_agg(tg.tgenabled::text ORDER BY tg.tgname), '{}')

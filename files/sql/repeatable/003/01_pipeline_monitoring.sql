@@ -235,3 +235,15 @@ BEGIN
     RAISE NOTICE 'Phase 3 Schema Improvements Complete! ✓';
 END
 $$;
+
+-- Phase 3 adds columns to bcfy_calls_raw and its old copy while a Phase 2 conversion may be
+-- swapped but not finalized: the sync triggers already copy them (they check the columns per row
+-- and fall back to dynamic SQL), this brings back their static, faster path. Runs right after the
+-- phase's versioned files.
+DO $$
+BEGIN
+    IF to_regprocedure('dbops.p2_sync_refresh()') IS NOT NULL THEN
+        EXECUTE 'SELECT dbops.p2_sync_refresh()';
+    END IF;
+END
+$$;

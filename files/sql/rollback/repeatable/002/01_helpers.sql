@@ -2,6 +2,7 @@
 -- the rollback with an error naming it).
 -- squawk-ignore-file ban-drop-function, ban-drop-view -- a rollback: it removes exactly these engine objects
 
+DROP FUNCTION IF EXISTS dbops.p2_adopt_partition(regclass, regclass, regclass);
 DROP FUNCTION IF EXISTS dbops.p2_default_lock_timeout(text);
 DROP FUNCTION IF EXISTS dbops.p2_log(text, text, jsonb);
 DROP FUNCTION IF EXISTS dbops.p2_close_paren(text, integer);

@@ -3,3 +3,4 @@
 -- squawk-ignore-file ban-drop-function, ban-drop-view -- a rollback: it removes exactly these engine objects
 
 DROP FUNCTION IF EXISTS dbops.p2_prepare(text);
+DROP FUNCTION IF EXISTS dbops.p2_match_props(text, regclass, regclass);

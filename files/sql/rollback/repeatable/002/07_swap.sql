@@ -4,8 +4,10 @@
 
 DROP FUNCTION IF EXISTS dbops.p2_status();
 DROP FUNCTION IF EXISTS dbops.p2_abort(text);
+DROP FUNCTION IF EXISTS dbops.p2_rollback_check(text);
 DROP FUNCTION IF EXISTS dbops.p2_finalize(text);
 DROP FUNCTION IF EXISTS dbops.p2_rollback(text, boolean);
 DROP FUNCTION IF EXISTS dbops.p2_swap(text, boolean);
 DROP FUNCTION IF EXISTS dbops.p2_repoint_views(jsonb);
 DROP FUNCTION IF EXISTS dbops.p2_dependent_views(regclass);
+DROP FUNCTION IF EXISTS dbops.p2_trigger_state(text);
