@@ -128,6 +128,8 @@ def test_cleanup_does_not_block_a_concurrent_writer(engine_db_full):
     app.join()
     assert res["errors"] == [] and app.errors == [], (res["errors"], app.errors)
     assert {d["partition"] for d in res["dropped"]} == set().union(*gone.values())
+    print(f"\ncleanup: {len(res['dropped'])} partitions in {took:.1f} s; slowest statement of the session (ms):",
+          {k: round(v * 1000) for k, v in app.worst.items()})
     assert max(app.worst.values()) < 0.5, (app.worst, f"cleanup took {took:.1f} s")
     assert app.n > 20   # the session really ran during the cleanup
     for t in gone:
@@ -342,3 +344,20 @@ def test_move_waits_for_a_writer_holding_the_row(engine_db):
     writer.close()
     assert db.query("SELECT tableoid::regclass::text, component FROM system_logs WHERE id = %s", (rid,)) == [
         ("system_logs_p2031_06_17", "in-flight")]
+
+
+def test_move_of_a_large_bucket_is_refused_with_a_message(engine_db):
+    """Item 7: writes to the table wait for a move, so a bucket with more than max_move_rows rows in
+    DEFAULT is not moved (error naming the bucket and what to run); the small bucket is moved."""
+    db = engine_db
+    convert(db, "system_logs")
+    db.query("INSERT INTO system_logs (created_at, component, event_type) SELECT '2031-08-01 10:00+00', 'big', 'x' "
+             "FROM generate_series(1, 3)")
+    db.query("INSERT INTO system_logs (created_at, component, event_type) VALUES ('2031-09-01 10:00+00', 'small', 'x')")
+    res = call(db, "CALL maintain_partitions(max_move_rows => 2, raise_on_error => false)")
+    assert res["moved_from_default"] == [{"partition": "system_logs_p2031_09_01", "rows": 1}], res
+    assert [e["partition"] for e in res["errors"]] == ["system_logs_p2031_08_01"], res
+    assert "max_move_rows" in res["errors"][0]["error"] and "max_move_rows => 3" in res["errors"][0]["error"], res
+    assert db.scalar("SELECT count(*) FROM system_logs_default") == 3
+    res = call(db, "CALL maintain_partitions(max_move_rows => 3)")
+    assert res["moved_from_default"] == [{"partition": "system_logs_p2031_08_01", "rows": 3}], res

@@ -87,7 +87,7 @@ $$;
 --       application's writes pay nothing, the trigger functions test no setting at all.
 -- Concurrent calls serialize on an advisory lock; a second run creates nothing.
 CREATE OR REPLACE PROCEDURE public.maintain_partitions(
-    lock_wait text DEFAULT '100ms', lock_retries integer DEFAULT 30, max_move_rows bigint DEFAULT 100000,
+    lock_wait text DEFAULT '100ms', lock_retries integer DEFAULT 30, max_move_rows bigint DEFAULT 10000,
     raise_on_error boolean DEFAULT true, INOUT result jsonb DEFAULT NULL
 )
 LANGUAGE plpgsql
