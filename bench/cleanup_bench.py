@@ -82,9 +82,13 @@ def main():
             with conn.cursor() as cur:
                 while True:
                     t = time.perf_counter()
+                    cur.execute("SELECT clock_timestamp()::text")
+                    started = cur.fetchone()[0]
                     cur.execute("CALL cleanup_old_data(max_partitions => 1000)")
                     res = cur.fetchone()[0]
-                    runs.append({"seconds": round(time.perf_counter() - t, 2), "dropped": len(res["dropped"]),
+                    cur.execute("SELECT clock_timestamp()::text")
+                    runs.append({"started": started, "ended": cur.fetchone()[0],
+                                 "seconds": round(time.perf_counter() - t, 2), "dropped": len(res["dropped"]),
                                  "references_cleared": sum(x["references_cleared"] for x in res["dropped"]),
                                  "errors": res["errors"]})
                     if not res["dropped"] or res["errors"]:
@@ -95,7 +99,8 @@ def main():
         conn.close()
         out["cleanup"] = runs
         out["workload"] = {"statements": s["statements"], "failed": s["failed"], **s["latency_ms"],
-                           "max_stall_ms": s["max_stall_ms"], "max_stall": s["max_stall"]}
+                           "max_stall_ms": s["max_stall_ms"], "max_stall": s["max_stall"],
+                           "timeline": s.get("timeline")}   # per-second max latency: when the stall happened
         out["lost_rows"] = workload.check_keys(ck, str(keys))["missing_total"]
     finally:
         if not a.keep:
@@ -108,7 +113,7 @@ def main():
                                                          for k, v in out["expired"].items()),
           f"; {out['references_to_expired_calls']} transcripts reference expired calls")
     for i, r in enumerate(out["cleanup"], 1):
-        print(f"cleanup run {i}: {r['seconds']} s, {r['dropped']} partitions dropped, "
+        print(f"cleanup run {i} ({r['started']} .. {r['ended']}): {r['seconds']} s, {r['dropped']} partitions dropped, "
               f"{r['references_cleared']} references cleared, errors: {r['errors'] or 'none'}")
     w = out["workload"]
     print(f"application during the cleanup ({a.rate:.0f} statements/s): {w['statements']} statements, {w['failed']} failed, "
