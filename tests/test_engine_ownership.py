@@ -271,7 +271,7 @@ def test_swap_keeps_owner_grants_and_properties(pg_server, db):
                          "WHERE i.inhparent = 'system_logs'::regclass AND c.relname <> 'system_logs_default' "
                          "ORDER BY c.relname DESC LIMIT 1")
         db.query(f"DROP TABLE {last}")
-        created = step(conn, "SELECT maintain_partitions()")["created"]
+        created = step(conn, "CALL maintain_partitions()")["created"]
         assert last in created, created
         assert set(owners(db, last).values()) == {owner} and last in owners(db, last)
         assert db.scalar("SELECT reloptions::text FROM pg_class WHERE relname = %s", (last,)) == \

@@ -6,6 +6,7 @@
   -> maintenance (first run) -> maintenance again: healthy, changed=0, VACUUM not due, pg_cron
      history not readable (USAGE revoked) reported as a finding, not a crash
   -> maintenance with the VACUUM due today: VACUUM ANALYZE runs; old pg_cron runs are purged
+  -> maintenance with one failing step of the daily jobs: the rest done, the run fails naming it
   -> health-only run with a row in a DEFAULT partition, a failed pg_cron run and a long-running
      query: exits non-zero naming the three findings, changed=0, report written first.
 
@@ -202,13 +203,41 @@ def test_retention_deletes_are_vacuumed_before_the_health_checks(env):
     assert again.ok and again.changed == 0, again.text
 
 
+def test_maintenance_reports_a_failed_step_after_doing_the_rest(env):
+    """Issue 9, item 11: one step of the daily jobs fails (a table already has the name the next
+    system_logs partition needs): the other tables are still maintained, and the run fails after the
+    report, naming the partition and the error (maintenance_run finding)."""
+    stage("maint2")
+    db = env["db"]
+    last = {t: db.scalar("SELECT partition FROM monitoring.partition_health WHERE parent = %s AND NOT is_default "
+                         "ORDER BY range_start DESC LIMIT 1", (t,)) for t in ("system_logs", "api_call_metrics")}
+    for p in last.values():
+        db.query(f"DROP TABLE {p}")
+    db.query(f"CREATE TABLE {last['system_logs']} (unrelated int)")
+    try:
+        res = run_stage(env, "maint_failed_step", "maintenance", extra_vars=QUIET_VACUUM)
+        other = db.scalar("SELECT parent FROM monitoring.partition_health WHERE partition = %s",
+                          (last["api_call_metrics"],))
+    finally:
+        db.query(f"DROP TABLE IF EXISTS {last['system_logs']}")
+        db.query("CALL maintain_partitions()")
+    assert res.rc != 0, res.text
+    assert other == "api_call_metrics"
+    assert "maintenance_run" in res.failure_text, res.failure_text
+    assert "1 failed step(s)" in res.failure_text and last["system_logs"] in res.failure_text, res.failure_text
+    assert "already exists" in res.failure_text, res.failure_text
+    health = fact(res, "Publish maintenance_result.health", "maintenance_result")["health"]
+    run = next(f for f in health["findings"] if f["check"] == "maintenance_run")
+    assert run["severity"] == "critical" and [r["partition"] for r in run["rows"]] == [last["system_logs"]], run
+
+
 def test_maintenance_unhealthy_exits_nonzero_after_the_report(env):
     stage("maint2")
     db = env["db"]
     db.query("INSERT INTO system_logs (created_at, component, event_type, message) "
              "VALUES ('2099-06-01', 'test', 'health', 'lands in the DEFAULT partition')")
     db.query("INSERT INTO cron.job_run_details (jobid, runid, database, username, command, status, return_message, "
-             "start_time, end_time) VALUES (1, 990010, %s, 'scan', 'SELECT maintain_partitions()', 'failed', "
+             "start_time, end_time) VALUES (1, 990010, %s, 'scan', 'CALL maintain_partitions()', 'failed', "
              "'ERROR: canceling statement due to lock timeout', now() - interval '1 hour', now() - interval '1 hour')",
              (db.name,), superuser=True)
     sleeper = db.connect()

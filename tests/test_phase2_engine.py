@@ -699,7 +699,7 @@ def test_maintain_partitions(engine_db):
     db = engine_db
     convert(db, "system_logs")
     prepare(db, "api_call_metrics")   # a shadow being backfilled is maintained too
-    res = call(db, "SELECT maintain_partitions()")
+    res = call(db, "CALL maintain_partitions()")
     assert res["errors"] == [] and res["created"] == []   # prepare already made now + premake
     assert set(res["tables"]) == {"public.system_logs", "public.api_call_metrics_p"}
     # premake: drop the last future partitions, maintain recreates them
@@ -707,15 +707,15 @@ def test_maintain_partitions(engine_db):
                     "AND NOT is_default ORDER BY range_start DESC LIMIT 2")
     for (p,) in last:
         db.query(f"DROP TABLE {p}")
-    res = call(db, "SELECT maintain_partitions()")
+    res = call(db, "CALL maintain_partitions()")
     assert sorted(res["created"]) == sorted(p for (p,) in last) and res["errors"] == []
-    again = call(db, "SELECT maintain_partitions()")
+    again = call(db, "CALL maintain_partitions()")
     assert again["created"] == [] and again["changed"] is False   # idempotent
     conn = db.connect()   # boundaries are UTC whatever the session's TimeZone
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute("SET TimeZone = 'Pacific/Chatham'")   # UTC+12:45 / +13:45
-        cur.execute("SELECT maintain_partitions()")
+        cur.execute("CALL maintain_partitions()")
         res = cur.fetchone()[0]
     conn.close()
     assert res["created"] == [] and res["errors"] == [], res
@@ -728,7 +728,7 @@ def test_maintain_partitions(engine_db):
     assert db.scalar("SELECT tableoid::regclass::text FROM system_logs WHERE id = %s", (rid,)) == "system_logs_default"
     assert db.query("SELECT partition, status FROM monitoring.partition_health WHERE status = 'DEFAULT_HAS_ROWS'") == [
         ("system_logs_default", "DEFAULT_HAS_ROWS")]
-    res = call(db, "SELECT maintain_partitions()")
+    res = call(db, "CALL maintain_partitions()")
     assert res["moved_from_default"] == [{"partition": "system_logs_p2031_05_17", "rows": 1}], res
     assert db.scalar("SELECT tableoid::regclass::text FROM system_logs WHERE id = %s", (rid,)) == "system_logs_p2031_05_17"
     # the move is not a logical change: the old copy (reverse trigger) still has the row, verify agrees
@@ -821,7 +821,7 @@ def move_keeps_references(db, started: str, partition: str, swapped: bool):
     db.query("INSERT INTO processing_state (call_uid, status) VALUES (%s, 'queued')", (uid,))
     before = engine_triggers_on(db, "bcfy_calls_raw_default")
     assert before and all(mode == "O" for _, mode in before), before
-    res = call(db, "SELECT maintain_partitions()")
+    res = call(db, "CALL maintain_partitions()")
     assert res["errors"] == [] and {"partition": partition, "rows": 1} in res["moved_from_default"], res
     assert db.scalar("SELECT tableoid::regclass::text FROM bcfy_calls_raw WHERE call_uid = %s", (uid,)) == partition
     assert db.scalar("SELECT call_uid FROM transcripts WHERE id = %s", (tid,)) == uid
@@ -856,7 +856,7 @@ def test_cleanup_old_data(engine_db):
     # nothing converted: nothing dropped, the poll log trimmed by DELETE
     old_polls = db.scalar("SELECT count(*) FROM bcfy_playlist_poll_log WHERE poll_started_at < now() - interval '30 days'")
     counts = {t: db.scalar(f"SELECT count(*) FROM {t}") for t in TABLES}
-    res = call(db, "SELECT cleanup_old_data()")
+    res = call(db, "CALL cleanup_old_data()")
     assert res["dropped"] == [] and res["errors"] == []
     assert res["deleted"] == {"bcfy_playlist_poll_log": old_polls}
     assert {s["table"] for s in res["skipped"]} == set(TABLES)
@@ -864,7 +864,7 @@ def test_cleanup_old_data(engine_db):
 
     for t in TABLES:
         convert(db, t)
-    res = call(db, "SELECT cleanup_old_data()")   # swapped, not finalized: skipped (old copy would diverge)
+    res = call(db, "CALL cleanup_old_data()")   # swapped, not finalized: skipped (old copy would diverge)
     assert res["dropped"] == [] and all("in progress" in s["reason"] for s in res["skipped"])
     for t in TABLES:
         call(db, "SELECT dbops.p2_finalize(%s)", (t,))
@@ -872,11 +872,11 @@ def test_cleanup_old_data(engine_db):
         "SELECT count(*) FROM transcripts t JOIN bcfy_calls_raw c USING (call_uid) "
         "WHERE c.started_at < date_trunc('month', now() - interval '90 days', 'UTC')")
     assert cutoff_refs > 0
-    res = call(db, "SELECT cleanup_old_data()")
+    res = call(db, "CALL cleanup_old_data()")
     assert res["errors"] == [], res
     assert max(sum(d["table"] == t for d in res["dropped"]) for t in TABLES) == 50   # capped per table and run
     while True:   # the backlog after a conversion: run again until nothing is left
-        more = call(db, "SELECT cleanup_old_data()")
+        more = call(db, "CALL cleanup_old_data()")
         assert more["errors"] == [], more
         if not more["dropped"]:
             break
@@ -963,7 +963,7 @@ def test_maintain_partitions_concurrent_calls(engine_db):
 
     def run():
         try:
-            out.append(call(db, "SELECT maintain_partitions()", lock_timeout="5s"))
+            out.append(call(db, "CALL maintain_partitions()", lock_timeout="5s"))
         except Exception as e:  # noqa: BLE001
             errs.append(e)
     ts = [threading.Thread(target=run) for _ in range(4)]

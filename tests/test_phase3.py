@@ -323,7 +323,7 @@ def test_new_partitions_inherit_phase3(site_run):
                      "AND NOT is_default ORDER BY range_start DESC LIMIT 1")
     assert db.scalar(f"SELECT count(*) FROM {last}") == 0
     db.query(f"DROP TABLE {last}")
-    res = db.scalar("SELECT maintain_partitions()")
+    res = db.scalar("CALL maintain_partitions()")
     assert last in res["created"] and res["errors"] == [], res
     cols = columns(db, last)
     assert cols["processing_stage"][2] == "'pending'::text" and cols["retry_count"][1:] == ("NO", "0"), cols

@@ -1,8 +1,9 @@
 -- What the maintenance can use in this database (read-only; roles/maintenance, tasks/probe.yml).
 -- Named arg: tables = maintenance_vacuum_tables joined with ','; vacuum_tables keeps the ones that exist.
 SELECT current_user AS db_user,
-       to_regprocedure('public.maintain_partitions()') IS NOT NULL AS maintain,
-       EXISTS (SELECT 1 FROM pg_proc WHERE proname = 'cleanup_old_data'
+       EXISTS (SELECT 1 FROM pg_proc WHERE proname = 'maintain_partitions' AND prokind = 'p'
+                 AND pronamespace = 'public'::regnamespace) AS maintain,
+       EXISTS (SELECT 1 FROM pg_proc WHERE proname = 'cleanup_old_data' AND prokind = 'p'
                  AND pronamespace = 'public'::regnamespace) AS cleanup,
        to_regclass('monitoring.table_bloat') IS NOT NULL AND to_regclass('monitoring.index_usage') IS NOT NULL AS monitoring,
        to_regclass('public.app_retention_policies') IS NOT NULL AS policies,
