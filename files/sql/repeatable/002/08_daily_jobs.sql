@@ -266,7 +266,7 @@ $$;
 -- Per expired partition (issue 9 item 6), each step its own short transaction:
 --   1. DETACH PARTITION (ACCESS EXCLUSIVE on the parent for a catalog change, no scan; waits at
 --      most lock_wait, retried) and mark the detached table (COMMENT 'dbops:retention-detached
---      {...}' with its parent and bounds), COMMIT. DETACH ... CONCURRENTLY cannot run in a
+--      {...}' with its parent and bounds), COMMIT. DETACH in its concurrent form cannot run in a
 --      function or procedure (PostgreSQL refuses it there), so the short plain DETACH it is.
 --      A transaction that checked a reference to a row of that partition holds FOR KEY SHARE on
 --      it (ROW SHARE on the parent): the DETACH waits for it, so after the COMMIT no new
