@@ -396,13 +396,22 @@ def prepare(db, playbook: str, extra_vars=None, check=False, inventory_vars=None
     return Prepared(cmd, full_env, workdir, backup_dir, report_dir, inv, events)
 
 
+def _output(prep: Prepared, stream: str) -> pathlib.Path:
+    """The file a run's stdout or stderr goes to (named after its events file: a reused workdir keeps each run's)."""
+    return prep.events.with_name(prep.events.stem.replace("events", stream) + ".txt")
+
+
 def start_playbook(db, playbook: str, **kw):
     """Start a playbook in its own process group; returns (Popen, Prepared).
 
     Kill it with kill_tree(proc.pid) (workers included); or wait and call finish()."""
     prep = prepare(db, playbook, **kw)
-    proc = subprocess.Popen(prep.cmd, cwd=REPO, env=prep.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    # Output goes to files, not pipes: nobody reads a pipe while the test waits for the run to reach
+    # a step, and a run that writes more than the pipe buffer (64 KiB: more backfill rounds on a
+    # loaded machine) would block on its next write and never get there.
+    with open(_output(prep, "stdout"), "w") as out, open(_output(prep, "stderr"), "w") as err:
+        proc = subprocess.Popen(prep.cmd, cwd=REPO, env=prep.env, stdout=out, stderr=err,
+                                text=True, start_new_session=True)
     proc.started_at = time.monotonic()
     _STARTED.append(proc)
     return proc, prep
@@ -410,12 +419,15 @@ def start_playbook(db, playbook: str, **kw):
 
 def finish(proc, prep: Prepared, timeout: float = 300) -> Result:
     """Wait for a started playbook (killing its process group after timeout) and parse it."""
+    killed = ""
     try:
-        out, err = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_tree(proc.pid)
-        out, err = proc.communicate()
-        err += "\n[playbook_runner] killed after %ss timeout" % timeout
+        proc.wait()
+        killed = "\n[playbook_runner] killed after %ss timeout" % timeout
+    out = _output(prep, "stdout").read_text(errors="replace")
+    err = _output(prep, "stderr").read_text(errors="replace") + killed
     res = Result(rc=proc.returncode, stdout=out or "", stderr=err or "", cmd=prep.cmd,
                  duration=time.monotonic() - getattr(proc, "started_at", time.monotonic()),
                  workdir=prep.workdir, backup_dir=prep.backup_dir, report_dir=prep.report_dir,

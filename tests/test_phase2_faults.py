@@ -107,6 +107,15 @@ def step_waiting(db, fn="p2_swap"):
     return rows[0][0] if rows else None
 
 
+def still_running(proc, prep) -> bool:
+    """True while the started playbook runs; fails the test with its output once it has stopped
+    (a run that failed early must not leave the test waiting for a step it will never reach)."""
+    if proc.poll() is None:
+        return True
+    res = finish(proc, prep, timeout=5)
+    raise AssertionError("the playbook stopped (rc %s) before its step waited for the lock:\n%s" % (res.rc, res.text))
+
+
 def swap_waiting(db):
     return step_waiting(db, "p2_swap")
 
@@ -135,7 +144,7 @@ def test_second_run_refused_and_connection_cut_during_swap(ready_db, tmp_path):
     try:
         blocker = ShadowBlocker(db, prepare_calls(db))
         proc, prep = start_playbook(db, "phase2", extra_vars=FAST)
-        victim = wait_for(lambda: swap_waiting(db), 480, "the swap of bcfy_calls_raw to wait for its lock")
+        victim = wait_for(lambda: still_running(proc, prep) and swap_waiting(db), 480, "the swap of bcfy_calls_raw to wait for its lock")
 
         # a second run while the first one holds the migration lock: stops in preflight, names the holder
         second = run_playbook(db, "phase2", extra_vars=FAST, timeout=300)
@@ -183,7 +192,7 @@ def test_controller_killed_during_step_then_resumed(ready_db, tmp_path, step):
         else:
             blocker = ShadowBlocker(db, shadow)
         proc, prep = start_playbook(db, "phase2", extra_vars=FAST)
-        wait_for(lambda: step_waiting(db, step), 480, f"{step} of bcfy_calls_raw to wait for its lock")
+        wait_for(lambda: still_running(proc, prep) and step_waiting(db, step), 480, f"{step} of bcfy_calls_raw to wait for its lock")
         kill_tree(proc.pid)
         proc.wait(timeout=30)
         finish(proc, prep, timeout=30)
