@@ -45,6 +45,32 @@ BEGIN
 END
 $$;
 
+-- One step with its lock wait bounded and retried: dbops.p2_daily_step with lock_timeout =
+-- lock_wait; a lock timeout (55P03) is rolled back and tried again after a short pause, up to
+-- lock_retries times; then COMMIT (the step's locks end here). err/n as p2_daily_step's.
+-- A procedure (it ends transactions), CALLed by the daily procedures; no SET clause, which would
+-- forbid its COMMIT: every name in it is schema-qualified.
+CREATE OR REPLACE PROCEDURE dbops.p2_daily_try(
+    stmts text [], lock_wait text, lock_retries integer, INOUT err text DEFAULT NULL, INOUT n bigint DEFAULT NULL
+)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    st record;
+BEGIN
+    FOR attempt IN 1 .. greatest(lock_retries, 1) LOOP
+        PERFORM pg_catalog.set_config('lock_timeout', lock_wait, true);
+        SELECT * INTO st FROM dbops.p2_daily_step(stmts);
+        EXIT WHEN st.err IS NULL OR pg_catalog.left(st.err, 5) <> '55P03';
+        ROLLBACK;
+        PERFORM pg_catalog.pg_sleep(LEAST(0.02 * attempt, 0.3));
+    END LOOP;
+    err := st.err;
+    n := st.n;
+    COMMIT;
+END
+$$;
+
 -- ---------------------------------------------------------------------------------------------
 -- Daily job 1: maintain_partitions()
 -- ---------------------------------------------------------------------------------------------
@@ -106,7 +132,8 @@ DECLARE
     pname text;
     cols text;
     stmts text [];
-    st record;
+    step_err text;
+    step_n bigint;
     cnt bigint;
     created jsonb := '[]';
     moved jsonb := '[]';
@@ -159,18 +186,11 @@ BEGIN
                            par::text, format('public.%I', pname)),
                     format('ALTER TABLE %s ATTACH PARTITION public.%I FOR VALUES FROM (%s) TO (%s)',
                            par, pname, dbops.p2_lit(b), dbops.p2_lit(dbops.p2_next(unit, b)))];
-                FOR attempt IN 1 .. greatest(lock_retries, 1) LOOP
-                    PERFORM set_config('lock_timeout', lock_wait, true);
-                    SELECT * INTO st FROM dbops.p2_daily_step(stmts);
-                    EXIT WHEN st.err IS NULL OR left(st.err, 5) <> '55P03';
-                    ROLLBACK;
-                    PERFORM pg_sleep(least(0.02 * attempt, 0.3));
-                END LOOP;
-                COMMIT;
-                IF st.err IS NULL THEN
+                CALL dbops.p2_daily_try(stmts, lock_wait, lock_retries, step_err, step_n);
+                IF step_err IS NULL THEN
                     created := created || to_jsonb(pname);
                 ELSE
-                    errors := errors || jsonb_build_object('table', base, 'partition', pname, 'error', st.err);
+                    errors := errors || jsonb_build_object('table', base, 'partition', pname, 'error', step_err);
                 END IF;
             END LOOP;
             -- rows in the DEFAULT partition: give them a partition, one bucket per transaction
@@ -222,18 +242,11 @@ BEGIN
                 END LOOP;
                 stmts := stmts || format('ALTER TABLE %s ATTACH PARTITION public.%I FOR VALUES FROM (%s) TO (%s)',
                                          par, pname, dbops.p2_lit(b), dbops.p2_lit(dbops.p2_next(unit, b)));
-                FOR attempt IN 1 .. greatest(lock_retries, 1) LOOP
-                    PERFORM set_config('lock_timeout', lock_wait, true);
-                    SELECT * INTO st FROM dbops.p2_daily_step(stmts);
-                    EXIT WHEN st.err IS NULL OR left(st.err, 5) <> '55P03';
-                    ROLLBACK;
-                    PERFORM pg_sleep(least(0.02 * attempt, 0.3));
-                END LOOP;
-                COMMIT;
-                IF st.err IS NULL THEN
-                    moved := moved || jsonb_build_object('partition', pname, 'rows', st.n);
+                CALL dbops.p2_daily_try(stmts, lock_wait, lock_retries, step_err, step_n);
+                IF step_err IS NULL THEN
+                    moved := moved || jsonb_build_object('partition', pname, 'rows', step_n);
                 ELSE
-                    errors := errors || jsonb_build_object('table', base, 'partition', pname, 'error', st.err,
+                    errors := errors || jsonb_build_object('table', base, 'partition', pname, 'error', step_err,
                                                            'default_partition', dflt::text);
                 END IF;
             END LOOP;
@@ -306,7 +319,8 @@ DECLARE
     cnt bigint;
     bad boolean;
     fail text;
-    st record;
+    step_err text;
+    step_n bigint;
     cutoff timestamptz;
     dropped jsonb := '[]';
     resumed jsonb := '[]';
@@ -341,15 +355,14 @@ BEGIN
             skipped := skipped || jsonb_build_object('table', pol ->> 'table_name', 'reason', 'missing');
         ELSIF pol ->> 'partition_interval' IS NULL THEN
             IF rk = 'r' THEN
-                PERFORM set_config('lock_timeout', lock_wait, true);
-                SELECT * INTO st FROM dbops.p2_daily_step(ARRAY[format('DELETE FROM %s WHERE %I < %s', par, pol ->> 'time_column',
-                                                       dbops.p2_lit(now() - (pol ->> 'retention')::interval))]);
-                IF st.err IS NULL THEN
-                    deleted := deleted || jsonb_build_object(pol ->> 'table_name', st.n);
+                CALL dbops.p2_daily_try(ARRAY[format('DELETE FROM %s WHERE %I < %s', par, pol ->> 'time_column',
+                                                     dbops.p2_lit(now() - (pol ->> 'retention')::interval))],
+                                        lock_wait, lock_retries, step_err, step_n);
+                IF step_err IS NULL THEN
+                    deleted := deleted || jsonb_build_object(pol ->> 'table_name', step_n);
                 ELSE
-                    errors := errors || jsonb_build_object('table', pol ->> 'table_name', 'error', st.err);
+                    errors := errors || jsonb_build_object('table', pol ->> 'table_name', 'error', step_err);
                 END IF;
-                COMMIT;
             END IF;
         ELSIF rk <> 'p' THEN
             skipped := skipped || jsonb_build_object('table', pol ->> 'table_name', 'reason', 'not partitioned yet');
@@ -384,21 +397,14 @@ BEGIN
                             AND to_regclass(format('public.%I', f.child_table)) IS NOT NULL), '[]');
         -- 1. detach (short lock on the parent, no scan), mark, COMMIT
         IF NOT (item ->> 'detached')::boolean THEN
-            FOR attempt IN 1 .. greatest(lock_retries, 1) LOOP
-                PERFORM set_config('lock_timeout', lock_wait, true);
-                SELECT * INTO st FROM dbops.p2_daily_step(ARRAY[
+            CALL dbops.p2_daily_try(ARRAY[
                     format('ALTER TABLE %s DETACH PARTITION %s', (item ->> 'parent')::oid::regclass, rel),
                     format('COMMENT ON TABLE %s IS %L', rel,
                            marker || (item - 'rel' - 'name' - 'parent' - 'detached'
-                                      || jsonb_build_object('detached_at', now()))::text)]);
-                EXIT WHEN st.err IS NULL OR left(st.err, 5) <> '55P03';
-                ROLLBACK;
-                PERFORM pg_sleep(least(0.02 * attempt, 0.3));
-            END LOOP;
-            COMMIT;
-            IF st.err IS NOT NULL THEN
+                                      || jsonb_build_object('detached_at', now()))::text)], lock_wait, lock_retries, step_err, step_n);
+            IF step_err IS NOT NULL THEN
                 errors := errors || jsonb_build_object('table', item ->> 'table', 'partition', item ->> 'name',
-                                                       'error', 'detach: ' || st.err);
+                                                       'error', 'detach: ' || step_err);
                 CONTINUE;
             END IF;
         END IF;
@@ -437,19 +443,12 @@ BEGIN
                                greatest(batch_rows, 1))
                     INTO keys, last_k USING last_k;
                 EXIT WHEN keys IS NULL;
-                FOR attempt IN 1 .. greatest(lock_retries, 1) LOOP
-                    PERFORM set_config('lock_timeout', lock_wait, true);
-                    SELECT * INTO st FROM dbops.p2_daily_step(ARRAY[format(q, keys::text)]);
-                    EXIT WHEN st.err IS NULL OR left(st.err, 5) <> '55P03';
-                    ROLLBACK;
-                    PERFORM pg_sleep(least(0.02 * attempt, 0.3));
-                END LOOP;
-                COMMIT;
-                IF st.err IS NOT NULL THEN
-                    fail := format('clearing %s: %s', ref ->> 'conname', st.err);
+                CALL dbops.p2_daily_try(ARRAY[format(q, keys::text)], lock_wait, lock_retries, step_err, step_n);
+                IF step_err IS NOT NULL THEN
+                    fail := format('clearing %s: %s', ref ->> 'conname', step_err);
                     EXIT;
                 END IF;
-                n := n + st.n;
+                n := n + step_n;
             END LOOP;
         END LOOP;
         -- 3. proof, then drop
@@ -479,17 +478,10 @@ BEGIN
             CONTINUE;
         END IF;
         cnt := (SELECT greatest(c.reltuples, 0)::bigint FROM pg_class c WHERE c.oid = rel);
-        FOR attempt IN 1 .. greatest(lock_retries, 1) LOOP
-            PERFORM set_config('lock_timeout', lock_wait, true);
-            SELECT * INTO st FROM dbops.p2_daily_step(ARRAY[format('DROP TABLE %s', rel)]);
-            EXIT WHEN st.err IS NULL OR left(st.err, 5) <> '55P03';
-            ROLLBACK;
-            PERFORM pg_sleep(least(0.02 * attempt, 0.3));
-        END LOOP;
-        COMMIT;
-        IF st.err IS NOT NULL THEN
+        CALL dbops.p2_daily_try(ARRAY[format('DROP TABLE %s', rel)], lock_wait, lock_retries, step_err, step_n);
+        IF step_err IS NOT NULL THEN
             errors := errors || jsonb_build_object('table', item ->> 'table', 'partition', item ->> 'name',
-                                                   'error', 'drop: ' || st.err || ' (detached, the next run drops it)');
+                                                   'error', 'drop: ' || step_err || ' (detached, the next run drops it)');
             CONTINUE;
         END IF;
         dropped := dropped || jsonb_build_object('partition', item ->> 'name', 'table', item ->> 'table',

@@ -5,6 +5,7 @@
 
 DROP PROCEDURE IF EXISTS public.cleanup_old_data(integer, integer, text, integer, boolean, jsonb);
 DROP PROCEDURE IF EXISTS public.maintain_partitions(text, integer, bigint, boolean, jsonb);
+DROP PROCEDURE IF EXISTS dbops.p2_daily_try(text [], text, integer, text, bigint);
 DROP FUNCTION IF EXISTS dbops.p2_daily_step(text []);
 DROP FUNCTION IF EXISTS public.cleanup_old_data(integer);
 DROP FUNCTION IF EXISTS public.maintain_partitions();
