@@ -138,3 +138,43 @@ def test_phases_as_another_role_keep_owners_grants_and_data(pg_server, member_ro
         assert su(db, "SELECT count(*) FROM pg_index WHERE NOT indisvalid")[0][0] == 0
     finally:
         drop_db(pg_server, db.name)
+
+
+def test_engine_of_another_role_is_refused_before_anything(pg_server, member_role):
+    """Phase 1 run by one member of `scan`, Phase 2 step 0 then tried by another member of `scan`
+    that is not a member of the first: the ledger and the engine's objects belong to the first, so
+    the second could neither read the ledger nor replace the engine's code. Preflight says so,
+    naming the owner and the GRANT, before the plan, the lock and the backup; after the GRANT the
+    same run passes."""
+    other, other_pw = "dbops_shape_other", "other-pw-" + pg_server.su_password[:8]
+    NO_CRON = {**FAST, "preflight_require_pg_cron": False}   # not this test's subject (a database of its own)
+    db = create_db(pg_server, baseline=True, seed_calls=500)
+    try:
+        su(db, f"DROP ROLE IF EXISTS {other}")
+        su(db, f"CREATE ROLE {other} LOGIN PASSWORD %s", (other_pw,))
+        su(db, f"GRANT {OWNER}, pg_monitor TO {other}")
+        res = run_playbook(Login(db, MEMBER, member_role), "phase1", extra_vars=NO_CRON, timeout=600)
+        assert res.ok, res.text
+        ledger = su(db, "SELECT version, checksum FROM dbops.schema_migrations ORDER BY version")
+
+        res = run_playbook(Login(db, other, other_pw), "phase2_prepare", extra_vars=NO_CRON, timeout=600)
+        assert res.rc != 0, res.text
+        msg = res.failure_text
+        assert f"Role {other} cannot run this phase" in msg, res.text
+        assert f"belong to {MEMBER}" in msg and f"GRANT {MEMBER} TO {other};" in msg, msg
+        assert "Traceback" not in msg and "permission denied" not in msg, msg
+        assert not list(res.backup_dir.rglob("*.dump")), "a backup was taken"
+        assert su(db, "SELECT version, checksum FROM dbops.schema_migrations ORDER BY version") == ledger
+        assert su(db, "SELECT count(*) FROM dbops.run_lock")[0][0] == 0
+        assert su(db, "SELECT to_regprocedure('dbops.p2_prepare(text)') IS NULL")[0][0], "Phase 2 code was applied"
+
+        su(db, f"GRANT {MEMBER} TO {other}")
+        res = run_playbook(Login(db, other, other_pw), "phase2_prepare", extra_vars=NO_CRON, timeout=600)
+        assert res.ok, res.text
+    finally:
+        drop_db(pg_server, db.name)
+        su_conn = pg_server.connect("postgres", superuser=True)
+        su_conn.autocommit = True
+        with su_conn.cursor() as cur:
+            cur.execute(f"DROP ROLE IF EXISTS {other}")
+        su_conn.close()
