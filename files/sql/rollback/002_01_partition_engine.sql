@@ -2,7 +2,8 @@
 -- transaction. Runs after rollback/002_preconditions.sql (refuses while a table is converted) and
 -- after the engine's code was dropped (rollback/repeatable/002/).
 -- Schema dbops stays (the migration ledger lives there); schema monitoring is removed only if
--- this left it empty (Phase 1 not installed). pg_cron jobs are unscheduled by the playbook.
+-- this left it empty (Phase 1 not installed). The pg_cron jobs calling the daily
+-- procedures were unscheduled by rollback/repeatable/002/08_daily_jobs.sql.
 -- squawk-ignore-file ban-drop-table -- a rollback: it removes exactly the Phase 2 engine tables
 
 DROP TABLE IF EXISTS dbops.p2_events;
