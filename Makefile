@@ -9,7 +9,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PG_EMBED_PORT ?= 55432
 DEMO_CALLS ?= 200000
 
-.PHONY: install install-test demo demo-stop lint unit molecule test clean
+.PHONY: install install-test demo demo-stop lint unit molecule test clean ee
 
 install:
 	scripts/install.sh
@@ -39,6 +39,10 @@ unit: install-test
 
 molecule: install-test
 	scripts/molecule.sh
+
+# The AWX execution environment: localhost/scanner-dbops-ee:<tag> (docs/AWX.md). Needs root, podman, debootstrap.
+ee: install-test
+	scripts/build_ee.sh
 
 test: install-test
 	$(MAKE) --no-print-directory lint
