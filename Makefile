@@ -33,6 +33,9 @@ lint: install-test
 # Test files run on $(PYTEST_WORKERS) workers, each file whole on one worker (module fixtures, stages
 # in file order), each worker with its own PostgreSQL server. PYTEST_WORKERS=0 runs them in one process.
 PYTEST_WORKERS ?= 2
+# tests/test_awx_ee_run.py: in make test, the AWX job runs in the image `make ee` built (skipped when
+# it is not built; SCANNER_EE_BUILD=1 builds it first, several minutes the first time).
+export SCANNER_EE_BUILD ?= 0
 unit: install-test
 	mkdir -p .cache
 	$(VENV)/pytest -n $(PYTEST_WORKERS) --dist loadfile --junitxml=.cache/pytest-junit.xml

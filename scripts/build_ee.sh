@@ -6,10 +6,11 @@
 #
 #   scripts/build_ee.sh            build unless the image of these inputs exists; print the image ref
 #   scripts/build_ee.sh --ref      print the image ref, build nothing
+#   scripts/build_ee.sh --check    exit 0 when the image exists and is up to date, 3 otherwise; build nothing
 #   scripts/build_ee.sh --force    rebuild (podman's layer cache still applies)
 #
 # Cache: the image carries a label with a hash of its inputs (base image, execution-environment.yml,
-# ee/, requirements.yml, the copied collections, this script, RDS_CA_BUNDLE_URL); when the image
+# ee/*.txt, requirements.yml, the copied collections, this script, RDS_CA_BUNDLE_URL); when the image
 # exists with that label nothing is built (well under a second).
 #
 # Environment (optional):
@@ -45,13 +46,19 @@ PY
 case "${1:-}" in
   --ref) echo "$ref"; exit 0 ;;
   --force) force=1 ;;
+  --check) force=check ;;
   "") force=0 ;;
-  *) die "usage: $0 [--ref|--force]" ;;
+  *) die "usage: $0 [--ref|--check|--force]" ;;
 esac
 command -v podman >/dev/null || die "podman is not installed (apt-get install podman runc debootstrap)"
 
 start=$(date +%s)
-base=$(scripts/build_ee_base.sh)
+if [ "$force" = check ]; then
+  base=$(scripts/build_ee_base.sh --ref)
+  podman image exists "$base" || { echo "build_ee: base image $base is not built: run make ee" >&2; exit 3; }
+else
+  base=$(scripts/build_ee_base.sh)
+fi
 t_base=$(date +%s)
 
 # The collections copied into the image must be the versions requirements.yml pins (otherwise
@@ -75,7 +82,7 @@ PY
 
 inputs=$( {
   podman image inspect --format '{{.Id}}' "$base"
-  sha256sum "$ee_file" ee/* requirements.yml scripts/build_ee.sh
+  sha256sum "$ee_file" ee/*.txt requirements.yml scripts/build_ee.sh
   find -L collections/ansible_collections/community/postgresql collections/ansible_collections/containers/podman \
        collections/ansible_collections/awx/awx collections/ansible_collections/scanner/dbops \
        -type f ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum
@@ -83,12 +90,16 @@ inputs=$( {
 } | sha256sum | cut -c1-12)
 
 size() { podman image inspect --format '{{.Size}}' "$ref" | awk '{ printf "%d MB", $1 / 1000000 }'; }
-if [ "$force" = 0 ] && [ "$(podman image inspect --format '{{index .Labels "org.scanner-dbops.ee-inputs"}}' "$ref" 2>/dev/null)" = "$inputs" ]; then
+if [ "$force" != 1 ] && [ "$(podman image inspect --format '{{index .Labels "org.scanner-dbops.ee-inputs"}}' "$ref" 2>/dev/null)" = "$inputs" ]; then
   echo "build_ee: $ref is up to date (inputs $inputs; cached, $(( $(date +%s) - start ))s; $(size))" >&2
   echo "$ref"
   exit 0
 fi
 
+if [ "$force" = check ]; then
+  echo "build_ee: $ref is missing or older than its inputs ($inputs): run make ee" >&2
+  exit 3
+fi
 old=$(podman image inspect --format '{{.Id}}' "$ref" 2>/dev/null || true)
 ctx=$(mktemp -d /var/tmp/scanner-dbops-ee-context.XXXXXX)
 trap 'rm -rf "$ctx"' EXIT
