@@ -2,7 +2,7 @@
 
 `make ee` (scripts/build_ee.sh) builds localhost/scanner-dbops-ee:<tag>; here ansible-runner inside
 that image runs playbooks/phase1.yml and playbooks/maintenance.yml against a PostgreSQL server in
-another container (localhost/scanner-pg15:current, scripts/build_pg_image.sh) on a podman network
+another container (localhost/scanner-pg15, scripts/build_pg_image.sh) on a podman network
 of its own, as an AWX job pod does:
 
 - the private data dir is mounted at /runner: project/ (a clean copy of the repository, like AWX's
@@ -83,7 +83,13 @@ def images():
         ref = check.stdout.strip()
     else:
         ref = _script("build_ee.sh", timeout=3600)
-    return ref, _script("build_pg_image.sh", timeout=1800)
+    # The PostgreSQL image by its own tag: when it exists, the build script is not run (it would
+    # re-tag :current, which other podman users of this machine may be using).
+    pg = subprocess.run([str(REPO / "scripts" / "build_pg_image.sh"), "--ref"], capture_output=True, text=True,
+                        check=True).stdout.strip()
+    if _podman("image", "exists", pg, check=False).returncode != 0:
+        pg = _script("build_pg_image.sh", timeout=1800)
+    return ref, pg
 
 
 INIT = r"""
