@@ -9,7 +9,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PG_EMBED_PORT ?= 55432
 DEMO_CALLS ?= 200000
 
-.PHONY: install install-test demo demo-stop lint unit molecule test clean
+.PHONY: install install-test demo demo-stop lint unit molecule test clean ee
 
 install:
 	scripts/install.sh
@@ -33,12 +33,19 @@ lint: install-test
 # Test files run on $(PYTEST_WORKERS) workers, each file whole on one worker (module fixtures, stages
 # in file order), each worker with its own PostgreSQL server. PYTEST_WORKERS=0 runs them in one process.
 PYTEST_WORKERS ?= 2
+# tests/test_awx_ee_run.py: in make test, the AWX job runs in the image `make ee` built (skipped when
+# it is not built; SCANNER_EE_BUILD=1 builds it first, several minutes the first time).
+export SCANNER_EE_BUILD ?= 0
 unit: install-test
 	mkdir -p .cache
 	$(VENV)/pytest -n $(PYTEST_WORKERS) --dist loadfile --junitxml=.cache/pytest-junit.xml
 
 molecule: install-test
 	scripts/molecule.sh
+
+# The AWX execution environment: localhost/scanner-dbops-ee:<tag> (docs/AWX.md). Needs root, podman, debootstrap.
+ee: install-test
+	scripts/build_ee.sh
 
 test: install-test
 	$(MAKE) --no-print-directory lint

@@ -9,8 +9,9 @@ Exit 0 when every rule holds, 1 with one line per problem otherwise:
     files that exist;
   - the EE's Python requirements are exact pins equal to the runtime pins of requirements.txt
     (ansible-core, psycopg2-binary), and dependencies.ansible_core is the same ansible-core pin;
-  - bindep installs a PostgreSQL client whose major version is at least --min-pg-major, for RPM
-    (postgresqlNN, PGDG) and DEB (postgresql-client-NN) bases;
+  - bindep installs a PostgreSQL client (postgresql-client-NN [platform:dpkg]: the base image is
+    Debian, scripts/build_ee_base.sh) whose major version is at least --min-pg-major and at least
+    the PG_CLIENT_MIN_MAJOR the build checks; an RPM line (postgresqlNN), if any, is held to the same;
   - every collection in the galaxy file has an exact version;
   - a build step runs `pg_dump --version` (the build fails on a wrong client, not the first backup).
 """
@@ -98,16 +99,28 @@ def check(ee_file, requirements, min_major):
         problems.append(f"{ee_file}: dependencies.ansible_core.package_pip is {core!r}, "
                         f"expected 'ansible-core=={want['ansible-core']}'")
 
+    steps = ee.get("additional_build_steps") or {}
+    text = "\n".join(s if isinstance(s, str) else "\n".join(s) for s in steps.values())
+    m = re.search(r"ARG PG_CLIENT_MIN_MAJOR=(\d+)", text)
+    build_min = int(m.group(1)) if m else None
+    if build_min is None:
+        problems.append(f"{ee_file}: no `ARG PG_CLIENT_MIN_MAJOR=<major>` build step (the build's pg_dump check)")
+    need = max(min_major, build_min or 0)
     clients = bindep_clients(files["system"])
-    for platform, example in (("rpm", f"postgresql{min_major} [platform:rpm]"),
-                              ("dpkg", f"postgresql-client-{min_major} [platform:dpkg]")):
+    for platform, example, required in (("dpkg", f"postgresql-client-{need} [platform:dpkg]", True),
+                                        ("rpm", f"postgresql{need} [platform:rpm]", False)):
         majors = [major for plat, _, major in clients if plat == platform]
         if not majors:
-            problems.append(f"{files['system']}: no PostgreSQL client for platform:{platform} "
-                            f"(pg_dump must be >= {min_major}): add '{example}'")
+            if required:
+                problems.append(f"{files['system']}: no PostgreSQL client for platform:{platform} "
+                                f"(pg_dump must be >= {need}): add '{example}'")
         elif max(majors) < min_major:
             problems.append(f"{files['system']}: PostgreSQL client {max(majors)} for platform:{platform} is older "
                             f"than the server ({min_major}); pg_dump refuses a newer server: use '{example}'")
+        elif build_min and max(majors) < build_min:
+            problems.append(f"{files['system']}: PostgreSQL client {max(majors)} for platform:{platform} is older "
+                            f"than PG_CLIENT_MIN_MAJOR={build_min} of {ee_file.name}: the build would fail; "
+                            f"use '{example}'")
 
     try:
         galaxy = yaml.safe_load(files["galaxy"].read_text()) or {}
@@ -118,8 +131,6 @@ def check(ee_file, requirements, min_major):
         if not isinstance(coll, dict) or not re.fullmatch(r"\d+\.\d+\.\d+", str(coll.get("version", ""))):
             problems.append(f"{files['galaxy']}: collection {coll!r} has no exact version")
 
-    steps = ee.get("additional_build_steps") or {}
-    text = "\n".join(s if isinstance(s, str) else "\n".join(s) for s in steps.values())
     if "pg_dump --version" not in text:
         problems.append(f"{ee_file}: no additional_build_step runs `pg_dump --version`")
     return problems

@@ -66,26 +66,36 @@ def test_ansible_builder_create_works_offline(tmp_path):
         cwd=tmp_path, env=_offline_env(), capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
     containerfile = (ctx / "Containerfile").read_text()
-    # base image is a build argument with a default
-    assert 'ARG EE_BASE_IMAGE="quay.io/centos/centos:stream9"' in containerfile
+    # base image is a build argument with a default: the local Debian image of scripts/build_ee_base.sh
+    assert 'ARG EE_BASE_IMAGE="localhost/scanner-dbops-ee-base:current"' in containerfile
     assert "FROM $EE_BASE_IMAGE AS base" in containerfile
+    # ansible-builder's scripts call apt through the base image's dnf-like front end; Python is its venv
+    assert 'ARG PKGMGR="/usr/local/bin/ee-apt"' in containerfile
+    assert 'ARG PYCMD="/opt/ee/bin/python3"' in containerfile
     # the three dependency steps: galaxy collections, pip (introspect + assemble), bindep
     assert "ansible-galaxy collection install" in containerfile and "-r requirements.yml" in containerfile
     assert "introspect.py introspect --user-pip=requirements.txt --user-bindep=bindep.txt" in containerfile
     assert "/output/scripts/assemble" in containerfile
     assert "/output/scripts/install-from-bindep" in containerfile
+    # the pinned collections are in place before `ansible-galaxy collection install` (Galaxy never asked)
+    copy = "COPY _build/collections/ /usr/share/ansible/collections/"
+    assert copy in containerfile
+    assert containerfile.index(copy) < containerfile.index("ansible-galaxy collection install")
     # ansible-core pinned exactly as in requirements.txt; the client version is checked at build time
     core = _pins(REPO / "requirements.txt")["ansible-core"]
     assert f'ANSIBLE_INSTALL_REFS="ansible-core=={core} ' in containerfile
-    assert "pg_dump --version" in containerfile and "PG_CLIENT_MIN_MAJOR=15" in containerfile
+    assert "pg_dump --version" in containerfile and "PG_CLIENT_MIN_MAJOR=17" in containerfile
     assert containerfile.index("pg_dump --version") > containerfile.index("install-from-bindep")
-    assert "pgdg-redhat-repo-latest" in containerfile
+    # no unreachable repository; the RDS CA bundle only when asked for (build argument, empty default)
+    assert "download.postgresql.org" not in containerfile and "pgdg" not in containerfile.lower()
+    assert 'ARG RDS_CA_BUNDLE_URL=""' in containerfile
     # the pinned inputs made it into the build context unchanged
     build = ctx / "_build"
     assert _pins(build / "requirements.txt") == _pins(REPO / "ee" / "requirements.txt")
     bindep = (build / "bindep.txt").read_text()
-    assert re.search(r"^postgresql15 \[platform:rpm\]$", bindep, re.M)
-    assert re.search(r"^postgresql-client-15 \[platform:dpkg\]$", bindep, re.M)
+    assert re.search(r"^postgresql-client-17 \[platform:dpkg\]$", bindep, re.M)
+    for coll in ("community/postgresql", "containers/podman", "awx/awx", "scanner/dbops"):
+        assert (build / "collections" / "ansible_collections" / coll / "plugins").is_dir(), coll
     galaxy = yaml.safe_load((build / "requirements.yml").read_text())
     assert galaxy == yaml.safe_load((REPO / "requirements.yml").read_text())
     versions = {c["name"]: c["version"] for c in galaxy["collections"]}
@@ -100,10 +110,11 @@ def _ee_copy(tmp_path):
 
 
 @pytest.mark.parametrize("bindep, expect", [
-    ("# no client at all\n", "no PostgreSQL client for platform:rpm"),
-    ("postgresql13 [platform:rpm]\npostgresql-client-15 [platform:dpkg]\n", "client 13 for platform:rpm is older"),
-    ("postgresql15 [platform:rpm]\npostgresql-client-14 [platform:dpkg]\n", "client 14 for platform:dpkg is older"),
-    ("postgresql15-server [platform:rpm]\npostgresql-client-15 [platform:dpkg]\n", "no PostgreSQL client for platform:rpm"),
+    ("# no client at all\n", "no PostgreSQL client for platform:dpkg"),
+    ("postgresql-17 [platform:dpkg]\n", "no PostgreSQL client for platform:dpkg"),
+    ("postgresql-client-14 [platform:dpkg]\n", "client 14 for platform:dpkg is older"),
+    ("postgresql-client-16 [platform:dpkg]\n", "older than PG_CLIENT_MIN_MAJOR=17"),
+    ("postgresql-client-17 [platform:dpkg]\npostgresql13 [platform:rpm]\n", "client 13 for platform:rpm is older"),
 ])
 def test_check_script_rejects_a_bindep_without_a_recent_client(tmp_path, bindep, expect):
     d = _ee_copy(tmp_path)
@@ -131,7 +142,7 @@ def test_check_script_rejects_drifted_python_pins(tmp_path):
 def awx_objects(tmp_path_factory):
     out = tmp_path_factory.mktemp("awx") / "objects.json"
     env = _offline_env()
-    for var in ("CONTROLLER_HOST", "CONTROLLER_OAUTH_TOKEN", "SCANNER_DB_PASSWORD"):
+    for var in ("CONTROLLER_HOST", "CONTROLLER_OAUTH_TOKEN", "SCANNER_DB_PASSWORD", "SCANNER_DBOPS_EE_IMAGE"):
         env.pop(var, None)
     res = subprocess.run(
         [str(VENV_BIN / "ansible-playbook"), str(REPO / "awx" / "configure.yml"),
@@ -180,6 +191,25 @@ def test_job_templates_use_the_credential_ee_and_inventory(awx_objects):
         assert jt["credentials"] == [cred] and jt["execution_environment"] == ee, jt["name"]
         assert jt["inventory"] == inv and jt["project"] == project, jt["name"]
         assert jt["allow_simultaneous"] is False, jt["name"]
+
+
+def test_awx_objects_reference_the_image_make_ee_builds(awx_objects):
+    """The EE object, the container group's pod and the project default all use the image `make ee`
+    builds (same name and tag; only the registry differs: it is pushed there)."""
+    res = subprocess.run([str(REPO / "scripts" / "build_ee.sh"), "--ref"], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    built = res.stdout.strip()
+    assert re.fullmatch(r"localhost/scanner-dbops-ee:\d+\.\d+\.\d+", built), built
+    name_tag = built.split("/", 1)[1]
+    (ee,) = awx_objects["execution_environments"]
+    assert ee["image"].rsplit("/", 1)[1] == name_tag, (ee["image"], built)
+    (group,) = awx_objects["instance_groups"]
+    assert f"image: {ee['image']}" in group["pod_spec_override"]
+    assert all(p["default_environment"] == ee["name"] for p in awx_objects["projects"])
+    # make ee is the documented way to build it
+    assert re.search(r"^ee:.*\n\tscripts/build_ee\.sh", (REPO / "Makefile").read_text(), re.M)
+    assert f"SCANNER_DBOPS_EE_IMAGE=registry.example.com/ops/{name_tag}" in (REPO / "docs" / "AWX.md").read_text()
 
 
 def _survey_question(jt, variable):
