@@ -15,7 +15,7 @@ log() { printf '\033[1m[install]\033[0m %s\n' "$*"; }
 
 # ---- 1. OS packages ------------------------------------------------------------------------
 pkgs=(postgresql-15 postgresql-client-15 postgresql-15-cron)
-[ "$want_test" = 1 ] && pkgs+=(podman runc netavark debootstrap chromium fonts-dejavu-core)  # chromium + a font: tests/test_report_html.py
+[ "$want_test" = 1 ] && pkgs+=(podman runc netavark iptables debootstrap chromium fonts-dejavu-core)  # iptables: podman networks (tests/test_awx_ee_run.py); chromium + a font: tests/test_report_html.py
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
