@@ -34,7 +34,7 @@ from playbook_runner import ANSIBLE_PLAYBOOK, PYTHON, REPO, new_workdir, run_pla
 
 TEMPLATE = REPO / "roles" / "report" / "templates" / "report.html.j2"
 DEFAULTS = yaml.safe_load((REPO / "roles" / "report" / "defaults" / "main.yml").read_text())
-SECTIONS = ["summary", "tables", "partitions", "timings", "backup", "health", "migrations", "notices"]
+SECTIONS = ["summary", "tables", "partitions", "timings", "backup", "health", "pauses", "migrations", "notices"]
 PARTITIONED = ["bcfy_calls_raw", "transcripts", "api_call_metrics", "system_logs"]
 FAST = {"partition_round_seconds": 3, "partition_upsert_probe_seconds": 2}
 EVIL_TITLE = 'Phase 1 <script>alert("x")</script> & <b>bold</b>'
@@ -261,6 +261,8 @@ SAMPLE = {
     "pending_before": [], "migrations": [], "notices": ["<b>notice</b>"], "backup": None,
     "tables_before": {"a": {"rows": 10, "bytes": 8192}}, "tables_after": {"a": {"rows": 12, "bytes": 16384}},
     "checks_run": 3, "partitions": {},
+    "backfill_pauses": [{"table": "bcfy_calls_raw", "signal": "replay_lag_bytes", "seconds": 12.5, "ongoing": False,
+                         "reason": "standby <replica1> replay lag 48 MB > 16 MB", "started_at": "2025-01-01T00:05:00Z"}],
     "query_timings": {"baseline": {"label": "pre_phase1", "taken_utc": "2025-01-01T00:00:00Z", "run_id": "r1"}, "tests": [
         {"name": "calls by feed", "baseline_ms": 800.0, "current_ms": 4.0, "speedup": 200.0, "promise": "10-50x",
          "verdict": "reached: 200.0x faster (800 -> 4 ms; promise 10-50x); under the 100 ms target",
@@ -310,6 +312,9 @@ def test_sample_timings_and_health(tmp_path):
     assert order == ["critical", "warning", "ok"], order
     assert "job failed <twice>" in page.all_text and "<twice>" not in text
     assert "<img" not in text and "<b>notice</b>" in page.all_text
+    # Backfill pauses (issue 11): each with its reason (as text) and duration
+    assert "standby <replica1> replay lag 48 MB > 16 MB" in page.all_text and "<replica1>" not in text
+    assert "1 pause(s), 12.5 s in all" in page.all_text
 
 
 # ---- 3. browser ------------------------------------------------------------------------------

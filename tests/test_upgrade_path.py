@@ -102,6 +102,11 @@ def assert_upgraded(db, before_ledger, before_objects, phases=("001", "002", "00
         lost["functions"] -= replaced
         assert db.scalar("SELECT count(*) FROM pg_proc WHERE proname IN ('maintain_partitions', 'cleanup_old_data') "
                          "AND prokind = 'p' AND pronamespace = 'public'::regnamespace") == 2
+        # re-signed on purpose: the backfill takes the health thresholds as a fifth argument (issue 11)
+        resigned = {"dbops.p2_backfill(text,integer,integer,jsonb)"}
+        assert lost["functions"] & resigned == before_objects["functions"] & resigned
+        lost["functions"] -= resigned
+        assert db.scalar("SELECT count(*) FROM pg_proc WHERE proname = 'p2_backfill'") == 1
     assert lost == {"functions": set(), "relations": set(), "triggers": set()}, lost
     recorded = {r[0] for r in db.query("SELECT name FROM dbops.schema_repeatables WHERE action = 'applied'")}
     expected = {f"{p.parent.name}/{p.stem}" for p in SQL_DIR.glob("repeatable/*/*.sql") if p.parent.name in phases}

@@ -3,6 +3,149 @@
 -- a row the capture trigger already wrote (unique_violation) undoes that batch and the rest of
 -- the call uses INSERT ... ON CONFLICT DO NOTHING. NULL partition keys are counted once at the
 -- end from the source (index on the key column), not per batch.
+-- Between batches it reads the database's health (dbops.p2_backfill_health: standbys' replay lag,
+-- WAL per second, autovacuum on the table or its shadow, sessions waiting for locks, active
+-- sessions) and runs no batch while a signal is over its threshold (issue 11).
+
+-- The health argument (issue 11) changed the signature: the former one goes, or a call with three
+-- arguments would be ambiguous.
+-- squawk-ignore-file ban-drop-function -- replaces the former signature of the procedure
+DROP PROCEDURE IF EXISTS dbops.p2_backfill(text, integer, integer, jsonb);
+
+-- ---------------------------------------------------------------------------------------------
+-- Health signals read between two batches (SQL only: works on RDS, for a non-superuser member of
+-- pg_monitor). health: thresholds, a missing, null or 0 one turns its signal off:
+--   replay_lag_bytes, replay_lag_seconds  each standby of pg_stat_replication (streaming or catchup):
+--                                         pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), replay_lag
+--   wal_bytes_per_second                  pg_current_wal_lsn() delta since prev_lsn / prev_at (>= 0.1 s)
+--   autovacuum                            'wraparound' (an anti-wraparound autovacuum) or 'any': an
+--                                         autovacuum worker vacuuming the table, its shadow, a partition
+--                                         of the shadow or their TOAST tables
+--   lock_waiting_sessions                 sessions of this database waiting for a lock (pg_locks)
+--   active_sessions                       active client sessions of this database (pg_stat_activity)
+-- Returns {"over": [{"signal", "value", "limit", "reason"}], "unavailable": {signal: why}, "lsn", "at",
+-- "wal_bytes_per_second"}. A signal this role cannot read is "unavailable", never an error. Reads only.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION dbops.p2_backfill_health(
+    tbl text, health jsonb, prev_lsn pg_lsn DEFAULT NULL, prev_at timestamptz DEFAULT NULL
+) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    lim_bytes numeric := nullif(health ->> 'replay_lag_bytes', '')::numeric;
+    lim_secs numeric := nullif(health ->> 'replay_lag_seconds', '')::numeric;
+    lim_wal numeric := nullif(health ->> 'wal_bytes_per_second', '')::numeric;
+    av text := lower(coalesce(health ->> 'autovacuum', ''));
+    lim_locks numeric := nullif(health ->> 'lock_waiting_sessions', '')::numeric;
+    lim_active numeric := nullif(health ->> 'active_sessions', '')::numeric;
+    -- pg_stat_replication's positions, pg_stat_progress_vacuum's relid, pg_stat_activity's state and
+    -- backend_type of other roles' sessions: superusers and members of pg_read_all_stats only.
+    stats boolean := (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+                     OR pg_has_role(current_user, 'pg_read_all_stats', 'USAGE');
+    no_stats text := 'this role is neither a superuser nor a member of pg_read_all_stats (pg_monitor): %s';
+    mydb oid := (SELECT oid FROM pg_database WHERE datname = current_database());
+    lsn pg_lsn := pg_current_wal_lsn();
+    at timestamptz := clock_timestamp();
+    rate numeric;
+    over jsonb := '[]';
+    na jsonb := '{}';
+    r record;
+    n bigint;
+    shadow text;
+BEGIN
+    IF coalesce(lim_bytes, 0) > 0 OR coalesce(lim_secs, 0) > 0 THEN
+        IF NOT stats THEN
+            na := na || jsonb_build_object('replay_lag', format(no_stats, 'pg_stat_replication hides the standbys'' positions'));
+        ELSE
+            FOR r IN
+                SELECT coalesce(nullif(s.application_name, ''), host(s.client_addr), s.pid::text) AS name,
+                       pg_wal_lsn_diff(lsn, s.replay_lsn) AS lag_b, extract(epoch FROM s.replay_lag) AS lag_s
+                FROM pg_stat_replication s WHERE s.state IN ('streaming', 'catchup') ORDER BY 1
+            LOOP
+                IF coalesce(lim_bytes, 0) > 0 AND r.lag_b > lim_bytes THEN
+                    over := over || jsonb_build_object(
+                        'signal', 'replay_lag_bytes', 'value', r.lag_b, 'limit', lim_bytes,
+                        'reason', format('standby %s replay lag %s > %s', r.name, pg_size_pretty(r.lag_b),
+                                         pg_size_pretty(lim_bytes)));
+                END IF;
+                IF coalesce(lim_secs, 0) > 0 AND r.lag_s > lim_secs THEN
+                    over := over || jsonb_build_object(
+                        'signal', 'replay_lag_seconds', 'value', round(r.lag_s, 1), 'limit', lim_secs,
+                        'reason', format('standby %s replay lag %s s > %s s', r.name, round(r.lag_s, 1), lim_secs));
+                END IF;
+            END LOOP;
+        END IF;
+    END IF;
+    IF prev_lsn IS NOT NULL AND extract(epoch FROM at - prev_at) >= 0.1 THEN
+        rate := round(pg_wal_lsn_diff(lsn, prev_lsn) / extract(epoch FROM at - prev_at));
+        IF coalesce(lim_wal, 0) > 0 AND rate > lim_wal THEN
+            over := over || jsonb_build_object(
+                'signal', 'wal_bytes_per_second', 'value', rate, 'limit', lim_wal,
+                'reason', format('WAL %s/s > %s/s', pg_size_pretty(rate), pg_size_pretty(lim_wal)));
+        END IF;
+    END IF;
+    IF av IN ('wraparound', 'any') THEN
+        IF NOT stats THEN
+            na := na || jsonb_build_object('autovacuum', format(no_stats, 'pg_stat_progress_vacuum hides which table is vacuumed'));
+        ELSE
+            SELECT shadow_name INTO shadow FROM dbops.p2_state WHERE table_name = tbl;
+            FOR r IN
+                WITH rels AS (
+                    SELECT format('public.%I', tbl)::regclass::oid AS relid
+                    UNION ALL
+                    SELECT t.relid FROM pg_partition_tree(to_regclass(format('public.%I', shadow))) t WHERE shadow IS NOT NULL
+                ), alls AS (
+                    SELECT relid FROM rels
+                    UNION ALL
+                    SELECT c.reltoastrelid FROM pg_class c JOIN rels ON rels.relid = c.oid WHERE c.reltoastrelid <> 0
+                )
+                SELECT c.relname,
+                       a.query LIKE '%(to prevent wraparound)%'
+                       OR (c.relfrozenxid <> '0'::xid
+                           AND age(c.relfrozenxid) > current_setting('autovacuum_freeze_max_age')::bigint) AS wrap
+                FROM pg_stat_progress_vacuum v
+                JOIN pg_stat_activity a ON a.pid = v.pid AND a.backend_type = 'autovacuum worker'
+                JOIN pg_class c ON c.oid = v.relid
+                WHERE v.datid = mydb AND v.relid IN (SELECT relid FROM alls)
+                ORDER BY 1
+            LOOP
+                IF av = 'any' OR r.wrap THEN
+                    over := over || jsonb_build_object(
+                        'signal', 'autovacuum', 'value', r.relname, 'limit', av,
+                        'reason', format('%s on %s', CASE WHEN r.wrap THEN 'anti-wraparound autovacuum' ELSE 'autovacuum' END,
+                                         r.relname));
+                END IF;
+            END LOOP;
+        END IF;
+    END IF;
+    IF coalesce(lim_locks, 0) > 0 THEN
+        -- pg_locks and pg_stat_activity's pid / datid are readable by every role
+        SELECT count(DISTINCT l.pid) INTO n
+        FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+        WHERE NOT l.granted AND a.datid = mydb AND l.pid <> pg_backend_pid();
+        IF n > lim_locks THEN
+            over := over || jsonb_build_object(
+                'signal', 'lock_waiting_sessions', 'value', n, 'limit', lim_locks,
+                'reason', format('%s sessions waiting for a lock > %s', n, lim_locks));
+        END IF;
+    END IF;
+    IF coalesce(lim_active, 0) > 0 THEN
+        IF NOT stats THEN
+            na := na || jsonb_build_object('active_sessions', format(no_stats, 'pg_stat_activity hides other roles'' sessions'' state'));
+        ELSE
+            SELECT count(*) INTO n FROM pg_stat_activity
+            WHERE datid = mydb AND backend_type = 'client backend' AND state = 'active' AND pid <> pg_backend_pid();
+            IF n > lim_active THEN
+                over := over || jsonb_build_object(
+                    'signal', 'active_sessions', 'value', n, 'limit', lim_active,
+                    'reason', format('%s active sessions > %s', n, lim_active));
+            END IF;
+        END IF;
+    END IF;
+    RETURN jsonb_build_object('over', over, 'unavailable', na, 'lsn', lsn::text, 'at', at, 'wal_bytes_per_second', rate);
+END
+$fn$;
 
 -- ---------------------------------------------------------------------------------------------
 -- Step 2: backfill (procedure: one COMMIT per batch)
@@ -14,9 +157,17 @@
 -- ON CONFLICT DO NOTHING (a row the trigger already wrote is newer), record progress, COMMIT.
 -- UPDATE / DELETE on the source wait for the running batch (one batch, milliseconds), so a batch
 -- can neither resurrect a row deleted meanwhile nor overwrite a newer version.
--- Returns after max_seconds (at least one batch); killed at any point, it resumes from last_key.
+-- Returns after max_seconds (at least one batch, or one health check that paused it); killed at
+-- any point, it resumes from last_key.
+-- health (issue 11): the thresholds of dbops.p2_backfill_health, plus check_seconds (default 1):
+-- the signals are read before a batch when check_seconds have passed since the last reading. While
+-- one is over its threshold no batch runs: the procedure sleeps check_seconds (nothing held, a COMMIT
+-- before and after) and reads them again, until they are all back under or max_seconds is used up.
+-- The result lists each pause ("pauses": signal, reason, seconds, ongoing = still paused at the
+-- return) and the signals this role cannot read ("health_unavailable"). NULL: no health check.
 CREATE OR REPLACE PROCEDURE dbops.p2_backfill(
-    tbl text, batch_rows integer DEFAULT 5000, max_seconds integer DEFAULT 60, INOUT result jsonb DEFAULT NULL
+    tbl text, batch_rows integer DEFAULT 5000, max_seconds integer DEFAULT 60, INOUT result jsonb DEFAULT NULL,
+    health jsonb DEFAULT NULL
 )
 LANGUAGE plpgsql
 AS $fn$
@@ -39,6 +190,23 @@ DECLARE
     fast boolean := true;
     fallbacks integer := 0;
     finished boolean := false;
+    -- health (issue 11)
+    use_health boolean := health IS NOT NULL AND EXISTS (
+        SELECT 1 FROM jsonb_each_text(health) e
+        WHERE e.key <> 'check_seconds' AND coalesce(e.value, '') NOT IN ('', '0', 'off', 'false', 'none'));
+    chk_every numeric := coalesce(nullif(nullif(health ->> 'check_seconds', ''), '0')::numeric, 1);
+    hc jsonb;
+    last_chk timestamptz;
+    prev_lsn pg_lsn;
+    prev_at timestamptz;
+    checks integer := 0;
+    unavailable jsonb := '{}';
+    pauses jsonb := '[]';
+    p_sig text;
+    p_reason text;
+    p_t0 timestamptz;
+    p_worst jsonb;
+    wal_over jsonb;
 BEGIN
     -- A procedure that COMMITs cannot have a SET clause: turn JIT off for this (the engine's own)
     -- session. Batches read one table and write a partitioned one; compiling them costs more than
@@ -62,7 +230,51 @@ BEGIN
         COMMIT;
     END IF;
     LOOP
-        EXIT WHEN nb + waits > 0 AND clock_timestamp() - t0 >= make_interval(secs => max_seconds);
+        EXIT WHEN (nb + waits > 0 OR p_t0 IS NOT NULL OR jsonb_array_length(pauses) > 0)
+                  AND clock_timestamp() - t0 >= make_interval(secs => max_seconds);
+        IF use_health AND (last_chk IS NULL OR p_t0 IS NOT NULL
+                           OR clock_timestamp() - last_chk >= make_interval(secs => chk_every)) THEN
+            hc := dbops.p2_backfill_health(tbl, health, prev_lsn, prev_at);
+            last_chk := clock_timestamp();
+            checks := checks + 1;
+            IF prev_lsn IS NULL OR hc ->> 'wal_bytes_per_second' IS NOT NULL THEN
+                prev_lsn := (hc ->> 'lsn')::pg_lsn;
+                prev_at := (hc ->> 'at')::timestamptz;
+            END IF;
+            IF hc ->> 'wal_bytes_per_second' IS NOT NULL THEN
+                wal_over := (SELECT o FROM jsonb_array_elements(hc -> 'over') o WHERE o ->> 'signal' = 'wal_bytes_per_second');
+            ELSIF wal_over IS NOT NULL THEN
+                -- too soon for a new WAL rate: the last one stands
+                hc := jsonb_set(hc, '{over}', (hc -> 'over') || wal_over);
+            END IF;
+            unavailable := unavailable || (hc -> 'unavailable');
+            IF jsonb_array_length(hc -> 'over') > 0 THEN
+                IF p_t0 IS NOT NULL AND p_sig <> hc -> 'over' -> 0 ->> 'signal' THEN
+                    -- another signal now: the pause of the former one ends here, a new one begins
+                    pauses := pauses || jsonb_build_object('signal', p_sig, 'reason', p_reason, 'worst', p_worst,
+                        'seconds', round(extract(epoch FROM clock_timestamp() - p_t0)::numeric, 1), 'ongoing', false,
+                        'started_at', p_t0);
+                    p_t0 := NULL;
+                END IF;
+                IF p_t0 IS NULL THEN
+                    p_t0 := clock_timestamp();
+                    p_sig := hc -> 'over' -> 0 ->> 'signal';
+                    p_reason := (SELECT string_agg(o ->> 'reason', '; ') FROM jsonb_array_elements(hc -> 'over') o);
+                    p_worst := hc -> 'over' -> 0;
+                ELSIF (hc -> 'over' -> 0 -> 'value') > (p_worst -> 'value') THEN
+                    p_worst := hc -> 'over' -> 0;
+                END IF;
+                COMMIT;  -- nothing held while it waits
+                PERFORM pg_sleep(least(chk_every, greatest(0, max_seconds - extract(epoch FROM clock_timestamp() - t0))));
+                COMMIT;
+                CONTINUE;
+            ELSIF p_t0 IS NOT NULL THEN
+                pauses := pauses || jsonb_build_object('signal', p_sig, 'reason', p_reason, 'worst', p_worst,
+                    'seconds', round(extract(epoch FROM clock_timestamp() - p_t0)::numeric, 1), 'ongoing', false,
+                    'started_at', p_t0);
+                p_t0 := NULL;
+            END IF;
+        END IF;
         IF NOT pg_try_advisory_xact_lock(80620, lockkey) THEN
             waits := waits + 1;
             PERFORM pg_sleep(0.02);
@@ -136,6 +348,12 @@ BEGIN
         UPDATE dbops.p2_state SET lock_waits = lock_waits + waits WHERE table_name = tbl;
         COMMIT;
     END IF;
+    IF p_t0 IS NOT NULL THEN
+        -- still paused when its time is up: the next round goes on waiting (Ansible merges the two)
+        pauses := pauses || jsonb_build_object('signal', p_sig, 'reason', p_reason, 'worst', p_worst,
+            'seconds', round(extract(epoch FROM clock_timestamp() - p_t0)::numeric, 1), 'ongoing', true,
+            'started_at', p_t0);
+    END IF;
     SELECT * INTO st FROM dbops.p2_state WHERE table_name = tbl;
     result := jsonb_build_object(
         'status', CASE WHEN finished THEN 'done' ELSE 'in progress' END, 'changed', rows_now > 0 OR finished,
@@ -148,7 +366,11 @@ BEGIN
         'rows_per_second', CASE WHEN extract(epoch FROM clock_timestamp() - t0) > 0
                                 THEN round(rows_now / extract(epoch FROM clock_timestamp() - t0)::numeric) END,
         'null_key_rows', st.null_key_rows, 'last_key', st.last_key,
-        'seconds', round(extract(epoch FROM clock_timestamp() - t0)::numeric, 3));
+        'seconds', round(extract(epoch FROM clock_timestamp() - t0)::numeric, 3))
+        || jsonb_build_object(
+        'paused', p_t0 IS NOT NULL, 'pauses', pauses,
+        'paused_seconds_this_call', (SELECT coalesce(sum((x ->> 'seconds')::numeric), 0) FROM jsonb_array_elements(pauses) x),
+        'health_checks', checks, 'health_unavailable', unavailable);
     PERFORM dbops.p2_log(tbl, 'backfill', result);
     COMMIT;
 END

@@ -2,4 +2,5 @@
 -- the rollback with an error naming it).
 -- squawk-ignore-file ban-drop-function, ban-drop-view -- a rollback: it removes exactly these engine objects
 
-DROP PROCEDURE IF EXISTS dbops.p2_backfill(text, integer, integer, jsonb);
+DROP PROCEDURE IF EXISTS dbops.p2_backfill(text, integer, integer, jsonb, jsonb);
+DROP FUNCTION IF EXISTS dbops.p2_backfill_health(text, jsonb, pg_lsn, timestamptz);
