@@ -1,6 +1,7 @@
 -- The capability map: what this PostgreSQL major can do where majors differ, computed ONCE per run
 -- from server_version_num (roles/preflight, tasks/server.yml sets it as the fact preflight_capabilities;
--- every role reads that fact, none compares versions itself). Pure arithmetic on the parameter, no
+-- every role reads that fact, none compares versions itself). Inside the database the engine reads the
+-- same map from dbops.p2_capabilities() (files/sql/repeatable/002/01_helpers.sql; a test checks they agree). Pure arithmetic on the parameter, no
 -- catalog read, so it answers for any version number (tests feed it 120000 or 190000 without such a server).
 -- Parameters: version_num (server_version_num), min_version_num, max_major.
 -- refusal: NULL when the server is in the supported range, else the message preflight fails with.
@@ -12,6 +13,8 @@ WITH v AS (
            -- ALTER TABLE ... DETACH PARTITION ... CONCURRENTLY (14+). Not a fallback: the project detaches
            -- with the plain form on every major (the concurrent one cannot run inside a function).
            num >= 140000 AS detach_concurrently,
+           -- publications of a schema, FOR TABLES IN SCHEMA (pg_publication_namespace, 15+).
+           num >= 150000 AS publication_schemas,
            -- pg_stat_checkpointer (17+): checkpoint counters left pg_stat_bgwriter.
            num >= 170000 AS stat_checkpointer,
            -- pg_stat_statements *_exec_time columns (13+; 12 had *_time).
@@ -37,7 +40,7 @@ SELECT num AS version_num, major,
            'Use a release of this project that supports it; nothing was changed.',
            major, num, min_num / 10000, max_major)
        END AS refusal,
-       detach_concurrently, stat_checkpointer, pgss_exec_time, trusted_extensions, not_null_constraints, stat_io,
+       detach_concurrently, publication_schemas, stat_checkpointer, pgss_exec_time, trusted_extensions, not_null_constraints, stat_io,
        array_remove(ARRAY[
          NULL
        ], NULL) AS fallbacks
