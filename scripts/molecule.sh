@@ -25,7 +25,9 @@ for s in "${scenarios[@]}"; do
     for major in ${MATRIX_MAJORS:-15 17}; do
       echo "=== molecule test -s matrix (PostgreSQL $major)"
       start=$(date +%s)
-      SCANNER_PG_MAJOR=$major molecule test -s matrix
+      # its own scratch folder: two majors may run at once (from two shells) without sharing state
+      SCANNER_PG_MAJOR=$major MOLECULE_EPHEMERAL_DIRECTORY=${HOME:-/root}/.ansible/tmp/molecule.scanner-matrix-pg$major \
+        molecule test -s matrix
       echo "=== molecule matrix PostgreSQL $major passed in $(( $(date +%s) - start )) s"
     done
     continue

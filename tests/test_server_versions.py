@@ -77,3 +77,27 @@ def test_the_running_server_is_in_range(pg_server, caps):
     finally:
         conn.close()
     assert caps(num)["refusal"] is None
+
+
+def test_the_engine_reads_the_same_map(pg_server, caps):
+    """dbops.p2_capabilities() (the map inside the database, files/sql/repeatable/002/01_helpers.sql)
+    agrees with preflight's map on every capability it has, for every major from 13 to 18, and without
+    an argument reads the running server's version."""
+    src = (REPO / "files" / "sql" / "repeatable" / "002" / "01_helpers.sql").read_text()
+    start = src.index("CREATE OR REPLACE FUNCTION dbops.p2_capabilities(")
+    body = src[start:src.index("$$;", src.index("AS $$", start)) + 3].replace("dbops.p2_capabilities", "pg_temp.p2_capabilities")
+    conn = pg_server.connect("postgres", superuser=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(body)
+            for num in (130000, 140005, 150010, 160000, 170002, 180001):
+                cur.execute("SELECT pg_temp.p2_capabilities(%s)", (num,))
+                engine = cur.fetchone()[0]
+                pre = caps(num)
+                assert engine.keys() - {"major"} <= pre.keys(), engine
+                assert {k: pre[k] for k in engine} == engine, (num, engine)
+            cur.execute("SELECT pg_temp.p2_capabilities(), current_setting('server_version_num')::int / 10000")
+            here, major = cur.fetchone()
+            assert here["major"] == major
+    finally:
+        conn.close()

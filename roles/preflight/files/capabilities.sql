@@ -5,7 +5,6 @@
 -- catalog read, so it answers for any version number (tests feed it 120000 or 190000 without such a server).
 -- Parameters: version_num (server_version_num), min_version_num, max_major.
 -- refusal: NULL when the server is in the supported range, else the message preflight fails with.
--- fallbacks: what this project does differently on this major (shown in the run and the report).
 WITH v AS (
     SELECT %(version_num)s::int AS num, %(min_version_num)s::int AS min_num, %(max_major)s::int AS max_major
 ), c AS (
@@ -40,8 +39,5 @@ SELECT num AS version_num, major,
            'Use a release of this project that supports it; nothing was changed.',
            major, num, min_num / 10000, max_major)
        END AS refusal,
-       detach_concurrently, publication_schemas, stat_checkpointer, pgss_exec_time, trusted_extensions, not_null_constraints, stat_io,
-       array_remove(ARRAY[
-         NULL
-       ], NULL) AS fallbacks
+       detach_concurrently, publication_schemas, stat_checkpointer, pgss_exec_time, trusted_extensions, not_null_constraints, stat_io
   FROM c
