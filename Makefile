@@ -9,7 +9,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PG_EMBED_PORT ?= 55432
 DEMO_CALLS ?= 200000
 
-.PHONY: install install-test demo demo-stop lint unit molecule test clean ee
+.PHONY: install install-test demo demo-stop lint unit molecule test-matrix test clean ee
 
 install:
 	scripts/install.sh
@@ -46,6 +46,11 @@ molecule: install-test
 # The AWX execution environment: localhost/scanner-dbops-ee:<tag> (docs/AWX.md). Needs root, podman, debootstrap.
 ee: install-test
 	scripts/build_ee.sh
+
+# Every phase on PostgreSQL 13, 15, 17 and 18 (molecule/matrix; root + podman + debootstrap).
+MATRIX_MAJORS ?= 13 15 17 18
+test-matrix: install-test
+	MATRIX_MAJORS="$(MATRIX_MAJORS)" scripts/molecule.sh matrix
 
 test: install-test
 	$(MAKE) --no-print-directory lint

@@ -2,6 +2,8 @@
 # Runs the Molecule scenarios: `default` (real PostgreSQL in a podman container), `phase2` (Phase 2
 # and its rollback under the application's workload, in a container) and `fleet` (two containers,
 # one run) when podman works here, and `embedded` (delegated driver, local server) always.
+# `matrix` (every phase on one PostgreSQL major) runs once per major of MATRIX_MAJORS (default "15 17"):
+#   scripts/molecule.sh matrix                        MATRIX_MAJORS="13 15 17 18" scripts/molecule.sh matrix
 # All clean up after themselves.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,6 +21,17 @@ if [ "${#scenarios[@]}" -eq 0 ]; then
   fi
 fi
 for s in "${scenarios[@]}"; do
+  if [ "$s" = matrix ]; then
+    for major in ${MATRIX_MAJORS:-15 17}; do
+      echo "=== molecule test -s matrix (PostgreSQL $major)"
+      start=$(date +%s)
+      # its own scratch folder: two majors may run at once (from two shells) without sharing state
+      SCANNER_PG_MAJOR=$major MOLECULE_EPHEMERAL_DIRECTORY=${HOME:-/root}/.ansible/tmp/molecule.scanner-matrix-pg$major \
+        molecule test -s matrix
+      echo "=== molecule matrix PostgreSQL $major passed in $(( $(date +%s) - start )) s"
+    done
+    continue
+  fi
   echo "=== molecule test -s $s"
   start=$(date +%s)
   molecule test -s "$s"

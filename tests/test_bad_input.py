@@ -135,6 +135,17 @@ def test_closed_port(target):
                    "Check scanner_db_host / scanner_db_port", re.compile(r"(?i)connection refused|could not connect"))
 
 
+def test_server_outside_the_supported_range(target):
+    """A real server outside the configured range is refused before anything is touched, with the range
+    and what to do: here PostgreSQL 15 against a range that ends at 14 (the capability map is fed the
+    server's own server_version_num; tests/test_server_versions.py feeds it 12 and 19)."""
+    before = db_state(target.db)
+    res = run_playbook(target, "phase1", extra_vars={"preflight_max_server_major": 14})
+    assert_refused(res, before, target.db, re.compile(r"PostgreSQL 15 \(server_version_num 15\d{4}\) is newer than "
+                                                      r"this project supports \(PostgreSQL 13 to 14"),
+                   "nothing was changed")
+
+
 # ---- the inventory ---------------------------------------------------------------------------------
 def run_with_inventory(db, inventory, playbook="phase1", args=()):
     """run_playbook, but with `-i inventory` (a path as the operator typed it, relative to the repo)."""

@@ -139,6 +139,14 @@ BEGIN
 END;
 $$;
 
-CREATE OR REPLACE TRIGGER processing_state_updated_at
-    BEFORE UPDATE ON processing_state
-    FOR EACH ROW EXECUTE FUNCTION processing_state_touch_updated_at();
+-- Not CREATE OR REPLACE TRIGGER: that is PostgreSQL 14+, and the baseline also loads on 13.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                   WHERE tgrelid = 'processing_state'::regclass AND tgname = 'processing_state_updated_at') THEN
+        CREATE TRIGGER processing_state_updated_at
+            BEFORE UPDATE ON processing_state
+            FOR EACH ROW EXECUTE FUNCTION processing_state_touch_updated_at();
+    END IF;
+END
+$$;

@@ -6,6 +6,22 @@
 -- Small helpers
 -- ---------------------------------------------------------------------------------------------
 
+-- What this server's major can do where the engine's SQL differs between majors: the capability map
+-- of roles/preflight/files/capabilities.sql (same names, same thresholds; tests/test_server_versions.py
+-- checks they agree), read from server_version_num. The engine asks this, never the version itself.
+CREATE OR REPLACE FUNCTION dbops.p2_capabilities(version_num integer DEFAULT NULL) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT jsonb_build_object(
+        'major', n / 10000,
+        'detach_concurrently', n >= 140000,
+        'publication_schemas', n >= 150000,
+        'stat_checkpointer', n >= 170000,
+        'not_null_constraints', n >= 180000)
+    FROM (SELECT coalesce(version_num, current_setting('server_version_num')::integer) AS n) AS v
+$$;
+
 -- An identifier of at most 63 bytes: base || suffix, shortened with a hash when too long.
 CREATE OR REPLACE FUNCTION dbops.p2_name(base text, suffix text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE

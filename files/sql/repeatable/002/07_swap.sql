@@ -71,6 +71,7 @@ DECLARE
     pkcols text;
     props jsonb;
     pubwarn jsonb;
+    schema_pubs oid[] := '{}';
 BEGIN
     SELECT * INTO st FROM dbops.p2_state WHERE table_name = tbl FOR UPDATE;
     IF FOUND AND st.step IN ('swapped', 'finalized') THEN
@@ -108,7 +109,12 @@ BEGIN
         utrig := utrig || jsonb_build_object('name', t.tgname, 'def', t.def, 'enabled', t.tgenabled);
     END LOOP;
     -- publications: the partitioned table is not in the old table's publications (FOR ALL TABLES /
-    -- TABLES IN SCHEMA ones publish it, through its partitions unless publish_via_partition_root)
+    -- TABLES IN SCHEMA ones publish it, through its partitions unless publish_via_partition_root).
+    -- Publications of a schema (pg_publication_namespace) exist from PostgreSQL 15 (capability map).
+    IF (dbops.p2_capabilities() ->> 'publication_schemas')::boolean THEN
+        EXECUTE 'SELECT coalesce(array_agg(pnpubid), ''{}'') FROM pg_publication_namespace '
+                'WHERE pnnspid = ''public''::regnamespace' INTO schema_pubs;
+    END IF;
     SELECT coalesce(jsonb_agg(format('public.%I is in publication %s (%s): %s', tbl, pb.pubname,
                                      CASE WHEN pb.puballtables THEN 'FOR ALL TABLES'
                                           WHEN pr.prrelid IS NOT NULL THEN 'FOR TABLE'
@@ -122,7 +128,7 @@ BEGIN
     FROM pg_publication pb
     LEFT JOIN pg_publication_rel pr ON pr.prpubid = pb.oid AND pr.prrelid = format('public.%I', tbl)::regclass
     WHERE pb.puballtables OR pr.prrelid IS NOT NULL
-       OR EXISTS (SELECT 1 FROM pg_publication_namespace pn WHERE pn.pnpubid = pb.oid AND pn.pnnspid = 'public'::regnamespace);
+       OR pb.oid = ANY (schema_pubs);
     FOR g IN SELECT * FROM jsonb_array_elements(pubwarn) LOOP
         RAISE WARNING 'p2_swap: %', g #>> '{}';
     END LOOP;

@@ -13,3 +13,4 @@ DROP FUNCTION IF EXISTS dbops.p2_next(text, timestamptz, integer);
 DROP FUNCTION IF EXISTS dbops.p2_bucket(text, timestamptz);
 DROP FUNCTION IF EXISTS dbops.p2_lit(timestamptz);
 DROP FUNCTION IF EXISTS dbops.p2_name(text, text);
+DROP FUNCTION IF EXISTS dbops.p2_capabilities(integer);
