@@ -406,6 +406,11 @@ def start_playbook(db, playbook: str, **kw):
 
     Kill it with kill_tree(proc.pid) (workers included); or wait and call finish()."""
     prep = prepare(db, playbook, **kw)
+    return launch(prep), prep
+
+
+def launch(prep: Prepared):
+    """Start prep.cmd (as prepare() wrote it, or changed by the caller); returns the Popen."""
     # Output goes to files, not pipes: nobody reads a pipe while the test waits for the run to reach
     # a step, and a run that writes more than the pipe buffer (64 KiB: more backfill rounds on a
     # loaded machine) would block on its next write and never get there.
@@ -414,7 +419,7 @@ def start_playbook(db, playbook: str, **kw):
                                 text=True, start_new_session=True)
     proc.started_at = time.monotonic()
     _STARTED.append(proc)
-    return proc, prep
+    return proc
 
 
 def finish(proc, prep: Prepared, timeout: float = 300) -> Result:

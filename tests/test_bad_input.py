@@ -151,9 +151,7 @@ def run_with_inventory(db, inventory, playbook="phase1", args=()):
     """run_playbook, but with `-i inventory` (a path as the operator typed it, relative to the repo)."""
     prep = playbook_runner.prepare(db, playbook, args=list(args))
     prep.cmd[prep.cmd.index("-i") + 1] = str(inventory)
-    proc = subprocess.Popen(prep.cmd, cwd=playbook_runner.REPO, env=prep.env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    return playbook_runner.finish(proc, prep)
+    return playbook_runner.finish(playbook_runner.launch(prep), prep)
 
 
 def assert_nothing_ran(res, before, db):
