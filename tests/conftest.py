@@ -216,6 +216,37 @@ def pg_server():
         yield server
 
 
+def _server_roles(server) -> list:
+    """What the application role may do on a shared test server: its attributes and memberships."""
+    conn = server.connect("postgres", superuser=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT r.rolsuper, r.rolcreaterole, r.rolcreatedb, "
+                        "       array(SELECT m.roleid::regrole::text FROM pg_auth_members m "
+                        "             WHERE m.member = r.oid ORDER BY 1) "
+                        "FROM pg_roles r WHERE r.rolname = %s", (server.user,))
+            return list(cur.fetchone())
+    finally:
+        conn.close()
+
+
+@pytest.fixture(autouse=True)
+def _shared_server_roles_unchanged(request):
+    """A test on the worker's shared server must leave the application role as it found it: the
+    server outlives the test, and a membership taken away (e.g. pg_monitor) changes what every later
+    test of that worker sees (its Phase 2 runs were refused by the upsert gate, far from the cause)."""
+    if "pg_server" not in request.fixturenames:
+        yield
+        return
+    server = request.getfixturevalue("pg_server")
+    before = _server_roles(server)
+    yield
+    after = _server_roles(server)
+    assert after == before, ("this test changed role %s on the shared test server (superuser, createrole, "
+                             "createdb, member of): %s -> %s; restore it in the test's cleanup"
+                             % (server.user, before, after))
+
+
 def _run_sql_file(db: DbInfo, path: pathlib.Path):
     conn = db.connect()
     conn.autocommit = True
