@@ -346,3 +346,76 @@ def test_signals_a_role_cannot_read_are_reported_not_failed(pg_server):
             cur.execute("DROP ROLE t_nomonitor")
         su.close()
         drop_db(pg_server, db.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) the VACUUM before the swap (scanner.dbops.vacuum), paced by the same signals
+# ---------------------------------------------------------------------------------------------
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def vacuum_module(db, health, max_seconds: float = 0, check: bool = False) -> dict:
+    """scanner.dbops.vacuum as the partition role calls it (ad-hoc, local connection); its result."""
+    args = {"table": TABLE, "health": health, "max_seconds": max_seconds, "login_host": db.host,
+            "login_port": db.port, "login_user": db.user, "login_password": db.password, "login_db": db.name}
+    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg")}
+    p = subprocess.run([str(REPO / ".venv/bin/ansible"), "localhost", "-i", "localhost,", "-c", "local", "-o",
+                        "-e", "ansible_python_interpreter=" + str(REPO / ".venv/bin/python"),
+                        "-m", "scanner.dbops.vacuum", "-a", json.dumps(args)] + (["--check"] if check else []),
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    res = json.loads(p.stdout.split(" => ", 1)[1])
+    assert db.password not in p.stdout + p.stderr
+    return res
+
+
+def vacuumed_parts(db) -> list:
+    return [r[0] for r in db.query(
+        "SELECT c.relname FROM pg_inherits ih JOIN pg_class c ON c.oid = ih.inhrelid "
+        "JOIN pg_stat_all_tables s ON s.relid = c.oid WHERE ih.inhparent = 'public.api_call_metrics_p'::regclass "
+        "AND s.last_vacuum IS NOT NULL ORDER BY 1")]
+
+
+def test_vacuum_before_swap_waits_for_health_and_sets_the_visibility_map(storm_db):
+    db = storm_db
+    finish(db, None)
+    plan = db.scalar("SELECT dbops.p2_vacuum_plan(%s)", (TABLE,))
+    todo = sorted(p["name"] for p in plan["partitions"])
+    assert plan["status"] == "planned" and len(todo) >= 10, plan   # a year of weekly partitions with rows
+    assert db.scalar("SELECT count(*) FROM pg_class WHERE relname = ANY(%s) AND relallvisible > 0", (todo,)) == 0
+
+    res = vacuum_module(db, {"lock_waiting_sessions": 3, "check_seconds": 0.2}, check=True)
+    assert res["changed"] and res["result"]["status"] == "would vacuum" and vacuumed_parts(db) == [], res
+
+    health = {"lock_waiting_sessions": 3, "check_seconds": 0.2}
+    storm = LockStorm(db, 4)
+    try:
+        # the table's time budget runs out while it waits: nothing vacuumed, the rest left for the next run
+        res = vacuum_module(db, health, max_seconds=1)["result"]
+        assert res["status"] == "stopped: time budget" and res["left"] == len(todo) and res["vacuumed"] == [], res
+        assert res["pauses"][0]["ongoing"] and res["pauses"][0]["reason"] == "4 sessions waiting for a lock > 3", res
+        # without a budget it waits, VACUUMs nothing while the storm lasts, and goes on when it ends
+        out: list = []
+        worker = threading.Thread(target=lambda: out.append(vacuum_module(db, health)))
+        worker.start()
+        wait_for(lambda: db.scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'scanner-dbops vacuum'"),
+                 60, "the module connected")
+        time.sleep(2)
+        assert vacuumed_parts(db) == []
+    finally:
+        storm.release()
+    worker.join(120)
+    res = out[0]
+    assert res["changed"] and res["result"]["status"] == "vacuumed", res
+    # what autovacuum did meanwhile (partitions just filled) is not done twice; together, every one
+    assert res["result"]["vacuumed"] and set(res["result"]["vacuumed"]) <= set(todo), res
+    assert set(res["result"]["vacuumed"]) == set(vacuumed_parts(db)), res
+    assert db.scalar("SELECT dbops.p2_vacuum_plan(%s)", (TABLE,))["partitions"] == []
+    (p,) = res["result"]["pauses"]
+    assert p["reason"] == "4 sessions waiting for a lock > 3" and p["seconds"] >= 1.8 and not p["ongoing"], p
+    # index-only scans no longer visit the heap of a copied partition
+    assert db.scalar("SELECT count(*) FROM pg_class WHERE relname = ANY(%s) AND relallvisible > 0", (todo,)) == len(todo)
+    # a second call finds nothing to do, and says so
+    again = vacuum_module(db, health)
+    assert not again["changed"] and again["result"]["status"] == "nothing to do", again
+    verified(db)

@@ -306,7 +306,12 @@ def test_verdicts_come_from_numbers():
     assert t1["speedup"] == 0.5 and t1["met_speedup"] is False and t1["met_target"] is True
     assert t1["verdict"].startswith("not reached: 0.5x at this scale")
     assert "planning 1.60 ms > execution 0.40 ms (4 partitions to consider)" in t1["verdict"]
-    assert "on a ~200,000-row table" in t1["verdict"]
+    assert "on a ~200,000-row table" in t1["verdict"] and "heap" not in t1["verdict"]
+    # an index-only scan that still reads the heap (a partition never vacuumed) is named as a reason
+    current[0]["plan"]["heap_fetches"] = 1234
+    slow = {t["name"]: t for t in f.perf_compare(current, baseline, tests, catalog)}["time_range_7d"]
+    assert "index-only scans still read 1234 rows from the heap" in slow["verdict"], slow["verdict"]
+    assert slow["plan"]["heap_fetches"] == 1234
     assert t1["plan"]["partitions_scanned"] == 1 and t1["plan"]["partitions_total"] == 4
     t2 = out["fts_police"]
     assert t2["speedup"] == 15.0 and t2["met_speedup"] is True and t2["plan"]["gin_used"] is True
@@ -316,9 +321,10 @@ def test_verdicts_come_from_numbers():
     assert f.median([3, 1, 2]) == 2 and f.median([4, 1, 2, 3]) == 2.5
     explain = [{"Plan": {"Node Type": "Aggregate", "Shared Hit Blocks": 5, "Shared Read Blocks": 2, "Plans": [
         {"Node Type": "Append", "Subplans Removed": 9, "Plans": [
-            {"Node Type": "Index Only Scan", "Relation Name": "c_p4", "Index Name": "c_p4_idx"}]}]},
+            {"Node Type": "Index Only Scan", "Relation Name": "c_p4", "Index Name": "c_p4_idx", "Heap Fetches": 41}]}]},
         "Planning Time": 0.5, "Execution Time": 0.25}]
     s = f.plan_summary(explain)
     assert s["total_ms"] == 0.75 and s["relations"] == ["c_p4"] and s["subplans_removed"] == 9
+    assert s["heap_fetches"] == 41
     assert s["buffers_hit"] == 5 and s["buffers_read"] == 2 and s["index_scans"][0]["index"] == "c_p4_idx"
     assert json.dumps(s)

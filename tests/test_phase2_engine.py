@@ -736,14 +736,29 @@ def test_maintain_partitions(engine_db):
     assert call(db, "SELECT dbops.p2_verify('system_logs')")["status"] == "ok"
     assert db.scalar("SELECT count(*) FROM monitoring.partition_health WHERE status = 'DEFAULT_HAS_ROWS'") == 0
     # ISO week names and boundaries for the weekly table
-    wk = db.query("SELECT partition, range_start, range_end FROM monitoring.partition_health "
-                  "WHERE parent = 'api_call_metrics_p' AND NOT is_default ORDER BY range_start")
-    assert len(wk) > 50
-    for name, lo, hi in wk:
+    # (issue 11) the history older than the retention is in monthly partitions <table>_hYYYY_MM that the
+    # first cleanup drops whole; from the week of the retention cutoff on, one partition per ISO week
+    allp = db.query("SELECT partition, range_start, range_end, status FROM monitoring.partition_health "
+                    "WHERE parent = 'api_call_metrics_p' AND NOT is_default ORDER BY range_start")
+    hist = [r for r in allp if r[0].startswith("api_call_metrics_h")]
+    wk = [r for r in allp if r[0].startswith("api_call_metrics_p")]
+    assert len(hist) == len(allp) - len(wk) and 10 <= len(hist) <= 14 and 5 <= len(wk) <= 12, allp
+    keep = db.scalar("SELECT retention FROM app_retention_policies WHERE table_name = 'api_call_metrics'")
+    for (name, lo, hi, status), nxt in zip(allp, allp[1:]):
+        assert hi == nxt[1], (name, nxt[0])   # contiguous
+    for name, lo, hi, status in hist:
+        lo_utc, hi_utc = lo.astimezone(dt.timezone.utc), hi.astimezone(dt.timezone.utc)
+        assert name == f"api_call_metrics_h{lo_utc.year}_{lo_utc.month:02d}" and status == "EXPIRED", (name, status)
+        assert (hi_utc.day == 1 and hi_utc.time() == dt.time(0)) or hi == wk[0][1], name  # month ends, or the cut
+        assert hi <= dt.datetime.now(dt.timezone.utc) - keep
+    for name, lo, hi, status in wk:
         lo_utc = lo.astimezone(dt.timezone.utc)
         assert lo_utc.weekday() == 0 and lo_utc.time() == dt.time(0) and hi - lo == dt.timedelta(days=7)
         iso = lo_utc.isocalendar()
         assert name == f"api_call_metrics_p{iso[0]}_{iso[1]:02d}"
+    # the cut is the start of the week holding now() - retention: nothing the retention keeps is in history
+    cut = wk[0][1].astimezone(dt.timezone.utc)
+    assert cut <= dt.datetime.now(dt.timezone.utc) - keep < cut + dt.timedelta(days=7)
 
 
 
@@ -872,9 +887,9 @@ def test_cleanup_old_data(engine_db):
         "SELECT count(*) FROM transcripts t JOIN bcfy_calls_raw c USING (call_uid) "
         "WHERE c.started_at < date_trunc('month', now() - interval '90 days', 'UTC')")
     assert cutoff_refs > 0
-    res = call(db, "CALL cleanup_old_data()")
+    res = call(db, "CALL cleanup_old_data(max_partitions => 5)")
     assert res["errors"] == [], res
-    assert max(sum(d["table"] == t for d in res["dropped"]) for t in TABLES) == 50   # capped per table and run
+    assert max(sum(d["table"] == t for d in res["dropped"]) for t in TABLES) == 5   # capped per table and run
     while True:   # the backlog after a conversion: run again until nothing is left
         more = call(db, "CALL cleanup_old_data()")
         assert more["errors"] == [], more
@@ -882,7 +897,7 @@ def test_cleanup_old_data(engine_db):
             break
         res["dropped"] += more["dropped"]
     dropped = {d["partition"] for d in res["dropped"]}
-    assert any(p.startswith("bcfy_calls_raw_p") for p in dropped) and any(p.startswith("system_logs_p") for p in dropped)
+    assert any(p.startswith("bcfy_calls_raw_p") for p in dropped) and any(p.startswith("system_logs_h") for p in dropped)
     assert sum(d["references_cleared"] for d in res["dropped"] if d["table"] == "bcfy_calls_raw") >= cutoff_refs
     for t in TABLES:
         keep = db.scalar("SELECT retention FROM app_retention_policies WHERE table_name = %s", (t,))

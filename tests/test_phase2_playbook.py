@@ -80,6 +80,14 @@ def test_phase2_online_story(cron_db, tmp_path):
         assert db.scalar(f"SELECT relkind::text FROM pg_class WHERE oid = 'public.{t}'::regclass") == "p", t
         assert db.scalar("SELECT step FROM dbops.p2_status() WHERE table_name = %s", (t,)) == "swapped"
     assert res.shows("Partition pruning"), res.text
+    # issue 11: every copied partition was vacuumed before its swap (visibility map for index-only scans)
+    unvacuumed = db.query(
+        "SELECT c.relname FROM pg_inherits ih JOIN pg_class c ON c.oid = ih.inhrelid "
+        "JOIN pg_stat_all_tables s ON s.relid = c.oid "
+        "WHERE ih.inhparent::regclass::text IN ('bcfy_calls_raw', 'transcripts', 'api_call_metrics', 'system_logs') "
+        "AND pg_relation_size(c.oid) > 0 AND s.last_vacuum IS NULL AND s.last_autovacuum IS NULL")
+    assert unvacuumed == [], unvacuumed
+    assert res.shows(": vacuumed, "), res.text
     jobs = dict(db.query("SELECT jobname, schedule FROM cron.job"))
     assert jobs == {"maintain-partitions": "0 0 * * *", "cleanup-old-data": "0 2 * * *"}
 

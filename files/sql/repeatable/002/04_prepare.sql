@@ -127,6 +127,9 @@ DECLARE
     lo timestamptz;
     hi timestamptz;
     b timestamptz;
+    e timestamptz;
+    hist_end timestamptz;
+    nhist integer := 0;
     nparts integer := 0;
     v_warnings jsonb := '[]';
     v_guards jsonb := '[]';
@@ -400,7 +403,19 @@ BEGIN
         lo := dbops.p2_bucket(v_unit, least(coalesce(lo, now()), now()));
         hi := greatest(dbops.p2_bucket(v_unit, coalesce(hi, now())),
                        dbops.p2_next(v_unit, dbops.p2_bucket(v_unit, now()), pol.premake::integer));
+        -- History the retention drops anyway (issue 11): for a daily or weekly table, the range entirely
+        -- older than the retention cutoff (up to the unit boundary at or before now() - retention) goes
+        -- into monthly partitions <table>_hYYYY_MM, which the first cleanup_old_data() drops whole, so
+        -- the converted table starts with about as many partitions as it keeps (system_logs: ~45
+        -- instead of ~400 for 13 months of history), and every query plans fewer of them.
+        hist_end := CASE WHEN v_unit IN ('day', 'week') AND pol.retention IS NOT NULL
+                         THEN least(dbops.p2_bucket(v_unit, now() - pol.retention), hi) END;
         b := lo;
+        WHILE hist_end IS NOT NULL AND b < hist_end LOOP
+            nhist := nhist + 1;
+            b := least(dbops.p2_next('month', dbops.p2_bucket('month', b)), hist_end);
+        END LOOP;
+        nparts := nhist;
         WHILE b <= hi LOOP
             nparts := nparts + 1;
             b := dbops.p2_next(v_unit, b);
@@ -411,6 +426,16 @@ BEGIN
                 USING HINT = 'Check the oldest / newest values of the partition key, or raise dbops.p2_config.max_initial_partitions.';
         END IF;
         b := lo;
+        WHILE hist_end IS NOT NULL AND b < hist_end LOOP
+            e := least(dbops.p2_next('month', dbops.p2_bucket('month', b)), hist_end);
+            tmpname := dbops.p2_name(tbl, '_h' || to_char(b AT TIME ZONE 'UTC', 'YYYY_MM'));
+            IF to_regclass(format('public.%I', tmpname)) IS NOT NULL THEN
+                RAISE EXCEPTION 'p2_prepare: public.% already exists', tmpname;
+            END IF;
+            EXECUTE format('CREATE TABLE public.%I PARTITION OF public.%I FOR VALUES FROM (%s) TO (%s)',
+                           tmpname, shadow, dbops.p2_lit(b), dbops.p2_lit(e));
+            b := e;
+        END LOOP;
         WHILE b <= hi LOOP
             IF to_regclass(format('public.%I', dbops.p2_part_name(tbl, v_unit, b))) IS NOT NULL THEN
                 RAISE EXCEPTION 'p2_prepare: public.% already exists', dbops.p2_part_name(tbl, v_unit, b);
@@ -454,6 +479,9 @@ BEGIN
         WHERE table_name = tbl;
         res := jsonb_build_object('status', 'prepared', 'changed', true, 'table', tbl, 'shadow', st.shadow_name,
                                   'partitions', st.partitions_created, 'unit', st.unit,
+                                  'history_partitions', (SELECT count(*) FROM pg_inherits ih JOIN pg_class c ON c.oid = ih.inhrelid
+                                                         WHERE ih.inhparent = to_regclass(format('public.%I', st.shadow_name))
+                                                           AND c.relname ~ '_h[0-9]{4}_[0-9]{2}$'),
                                   'range_from', st.range_from, 'range_to', st.range_to,
                                   'rows_estimate', st.rows_total, 'guards', st.guards, 'warnings', st.warnings,
                                   'null_key_fallback', st.null_key_fallback,

@@ -375,3 +375,46 @@ BEGIN
     COMMIT;
 END
 $fn$;
+
+-- ---------------------------------------------------------------------------------------------
+-- What to VACUUM before the swap (issue 11): the shadow's partitions that hold pages and were not
+-- vacuumed (by hand or by autovacuum) since the backfill finished. A freshly copied table has no
+-- visibility map (index-only scans visit the heap), unset hint bits and, for GIN indexes, a pending
+-- list: the guide's queries ran 2-3x slower right after the swap. scanner.dbops.vacuum runs each
+-- VACUUM (no transaction can), between health checks like the backfill's. The backfill's end already
+-- ANALYZEd the partitioned parent (that recurses into every partition). Reads only.
+-- Returns {"status": planned | not backfilled | already swapped | not prepared, "step", "shadow",
+--          "partitions": [{"name", "bytes"}] oldest range first, "bytes"}.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION dbops.p2_vacuum_plan(tbl text) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    st dbops.p2_state;
+    parts jsonb;
+BEGIN
+    SELECT * INTO st FROM dbops.p2_state WHERE table_name = tbl;
+    IF NOT FOUND THEN
+        RETURN jsonb_build_object('status', 'not prepared', 'table', tbl, 'partitions', '[]'::jsonb, 'bytes', 0);
+    ELSIF st.step NOT IN ('backfilled', 'verified') OR st.backfill_done_at IS NULL THEN
+        RETURN jsonb_build_object('status', CASE WHEN st.step IN ('swapped', 'finalized') THEN 'already swapped'
+                                                 ELSE 'not backfilled' END,
+                                  'table', tbl, 'step', st.step, 'partitions', '[]'::jsonb, 'bytes', 0);
+    END IF;
+    SELECT coalesce(jsonb_agg(jsonb_build_object('name', x.relname, 'bytes', x.bytes)
+                              ORDER BY x.is_default, x.range_start), '[]')
+    INTO parts
+    FROM (SELECT c.relname::text AS relname, pg_relation_size(c.oid) AS bytes, pb.range_start, pb.is_default
+          FROM pg_inherits ih
+          JOIN pg_class c ON c.oid = ih.inhrelid AND c.relkind = 'r'
+          CROSS JOIN LATERAL dbops.p2_part_bounds(c.oid) pb
+          LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid
+          WHERE ih.inhparent = to_regclass(format('public.%I', st.shadow_name))
+            AND pg_relation_size(c.oid) > 0
+            AND coalesce(greatest(s.last_vacuum, s.last_autovacuum), '-infinity') < st.backfill_done_at) x;
+    RETURN jsonb_build_object('status', 'planned', 'table', tbl, 'step', st.step, 'shadow', st.shadow_name,
+                              'partitions', parts,
+                              'bytes', (SELECT coalesce(sum((p ->> 'bytes')::bigint), 0) FROM jsonb_array_elements(parts) p));
+END
+$fn$;

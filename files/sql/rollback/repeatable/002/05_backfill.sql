@@ -4,3 +4,4 @@
 
 DROP PROCEDURE IF EXISTS dbops.p2_backfill(text, integer, integer, jsonb, jsonb);
 DROP FUNCTION IF EXISTS dbops.p2_backfill_health(text, jsonb, pg_lsn, timestamptz);
+DROP FUNCTION IF EXISTS dbops.p2_vacuum_plan(text);

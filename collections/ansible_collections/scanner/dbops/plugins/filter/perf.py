@@ -35,6 +35,8 @@ def plan_summary(explain):
         "buffers_read": int(root.get("Shared Read Blocks") or 0),
         "top_node": root.get("Node Type"),
         "scan_nodes": [n.get("Node Type") for n in nodes if n.get("Relation Name")],
+        # index-only scans that still read the heap: pages not marked all-visible (not vacuumed yet)
+        "heap_fetches": sum(int(n.get("Heap Fetches") or 0) for n in nodes if n.get("Node Type") == "Index Only Scan"),
     }
 
 
@@ -123,6 +125,9 @@ def perf_compare(current, baseline, tests, catalog):
             if test.get("table") == "transcripts" and not gin_used:
                 reasons.append("the planner chose %s over the GIN index at this size"
                                % ((plan.get("scan_nodes") or [plan.get("top_node") or "another plan"])[0]))
+            if plan.get("heap_fetches"):
+                reasons.append("its index-only scans still read %d rows from the heap (pages not all-visible: "
+                               "VACUUM the partitions)" % plan["heap_fetches"])
             if table_rows and int(table_rows) > 0:
                 reasons.append("on a ~%s-row table" % "{:,}".format(int(table_rows)))
         target_txt = ""
@@ -157,6 +162,7 @@ def perf_compare(current, baseline, tests, catalog):
                 "gin_usable": catalog.get("gin_usable") if test.get("table") == "transcripts" else None,
                 "buffers_hit": plan["buffers_hit"],
                 "buffers_read": plan["buffers_read"],
+                "heap_fetches": plan.get("heap_fetches", 0),
                 "planning_ms": cur["planning_ms"],
                 "execution_ms": cur["execution_ms"],
             },
