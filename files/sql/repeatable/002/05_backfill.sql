@@ -382,7 +382,8 @@ $fn$;
 -- visibility map (index-only scans visit the heap), unset hint bits and, for GIN indexes, a pending
 -- list: the guide's queries ran 2-3x slower right after the swap. scanner.dbops.vacuum runs each
 -- VACUUM (no transaction can), between health checks like the backfill's. The backfill's end already
--- ANALYZEd the partitioned parent (that recurses into every partition). Reads only.
+-- ANALYZEd the partitioned parent (that recurses into every partition). Partitions entirely older
+-- than the retention are left out: the first cleanup_old_data() drops them. Reads only.
 -- Returns {"status": planned | not backfilled | already swapped | not prepared, "step", "shadow",
 --          "partitions": [{"name", "bytes"}] oldest range first, "bytes"}.
 -- ---------------------------------------------------------------------------------------------
@@ -402,17 +403,26 @@ BEGIN
                                                  ELSE 'not backfilled' END,
                                   'table', tbl, 'step', st.step, 'partitions', '[]'::jsonb, 'bytes', 0);
     END IF;
+    -- The shadow's partitions first, behind a MATERIALIZED fence: pg_relation_size() takes a lock, and
+    -- evaluated on every pg_class row it would wait behind any session's ACCESS EXCLUSIVE lock.
+    WITH mine AS MATERIALIZED (
+        SELECT ih.inhrelid AS oid FROM pg_inherits ih
+        WHERE ih.inhparent = to_regclass(format('public.%I', st.shadow_name))
+    )
     SELECT coalesce(jsonb_agg(jsonb_build_object('name', x.relname, 'bytes', x.bytes)
                               ORDER BY x.is_default, x.range_start), '[]')
     INTO parts
-    FROM (SELECT c.relname::text AS relname, pg_relation_size(c.oid) AS bytes, pb.range_start, pb.is_default
-          FROM pg_inherits ih
-          JOIN pg_class c ON c.oid = ih.inhrelid AND c.relkind = 'r'
+    FROM (SELECT c.relname::text AS relname, pg_relation_size(c.oid) AS bytes, pb.range_start, pb.range_end,
+                 pb.is_default, greatest(s.last_vacuum, s.last_autovacuum) AS vacuumed_at
+          FROM mine
+          JOIN pg_class c ON c.oid = mine.oid AND c.relkind = 'r'
           CROSS JOIN LATERAL dbops.p2_part_bounds(c.oid) pb
           LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid
-          WHERE ih.inhparent = to_regclass(format('public.%I', st.shadow_name))
-            AND pg_relation_size(c.oid) > 0
-            AND coalesce(greatest(s.last_vacuum, s.last_autovacuum), '-infinity') < st.backfill_done_at) x;
+          OFFSET 0) x  -- computed once per partition: never pushed below the join
+    LEFT JOIN public.app_retention_policies rp ON rp.table_name = tbl
+    WHERE x.bytes > 0
+      AND (rp.retention IS NULL OR x.range_end IS NULL OR x.range_end > now() - rp.retention)
+      AND coalesce(x.vacuumed_at, '-infinity') < st.backfill_done_at;
     RETURN jsonb_build_object('status', 'planned', 'table', tbl, 'step', st.step, 'shadow', st.shadow_name,
                               'partitions', parts,
                               'bytes', (SELECT coalesce(sum((p ->> 'bytes')::bigint), 0) FROM jsonb_array_elements(parts) p));

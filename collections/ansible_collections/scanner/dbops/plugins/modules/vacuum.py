@@ -135,6 +135,7 @@ def main():
         module.fail_json(msg=str(exc))
     with conn.cursor() as cur:
         try:
+            cur.execute("SET lock_timeout = %s", (p["lock_timeout"],))
             cur.execute("SELECT dbops.p2_vacuum_plan(%s)", (p["table"],))
             plan = cur.fetchone()[0]
         except psycopg2.Error as exc:
