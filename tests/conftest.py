@@ -21,6 +21,7 @@ import dataclasses
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -33,6 +34,51 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PG_SCRIPT = REPO / "scripts" / "pg_embedded.sh"
+
+
+OWNER_FILE = "owner.pid"   # in each /tmp/scanner-test-pg-* folder: the pid of the test process that made it
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_leftover_servers(root: str = "/tmp") -> list:
+    """Stop and remove the servers of test processes that are gone (killed before their finalizers
+    ran: a SIGKILL, or an xdist worker killed with its controller). Folders without an owner file,
+    or whose owner still runs, are left alone. Returns the folders removed."""
+    removed = []
+    for d in sorted(pathlib.Path(root).glob("scanner-test-pg-*")):
+        try:
+            pid = int((d / OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if _alive(pid):
+            continue
+        env = {**os.environ, "PG_EMBED_DIR": str(d / "pg")}
+        subprocess.run([str(PG_SCRIPT), "destroy"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       check=False, timeout=120)
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(str(d))
+    return removed
+
+
+def pytest_configure(config):
+    """A SIGTERM (`timeout`, CI cancelling the job) unwinds the session like Ctrl-C instead of killing it
+    on the spot: fixtures' finalizers still stop the PostgreSQL servers and containers they started.
+    The servers a killed run left behind anyway are removed when the next session starts."""
+    def _unwind(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _unwind)
+    if not hasattr(config, "workerinput"):   # the controller (or a run without xdist), once
+        reap_leftover_servers()
 BASELINE_DIR = REPO / "files" / "sql" / "baseline"
 NO_TX_MARKER = "-- dbops:no-transaction"
 PSQL = next((p for p in ("/usr/lib/postgresql/15/bin/psql", shutil.which("psql")) if p and os.path.exists(p)), None)
@@ -184,6 +230,7 @@ def embedded_server(port: int | None = None, settings: dict | None = None):
     # Not pytest's tmp_path: it is 0700 under /tmp/pytest-of-root, unreachable for the postgres user.
     d = pathlib.Path(tempfile.mkdtemp(prefix="scanner-test-pg-", dir="/tmp"))
     d.chmod(0o755)
+    (d / OWNER_FILE).write_text(f"{os.getpid()}\n")
     port = port or free_port()
     env = {**os.environ, "PG_EMBED_DIR": str(d / "pg"), "PG_EMBED_PORT": str(port), "PG_EMBED_FAST": "1"}
     try:
