@@ -434,3 +434,25 @@ def test_vacuum_before_swap_waits_for_health_and_sets_the_visibility_map(storm_d
     again = vacuum_module(db, health)
     assert not again["changed"] and again["result"]["status"] == "nothing to do", again
     verified(db)
+
+
+def test_vacuum_reports_a_partition_it_had_to_skip(storm_db):
+    """A partition another session holds a conflicting lock on (as autovacuum does) is skipped, not waited
+    for (VACUUM SKIP_LOCKED warns, it does not fail): reported with the server's reason, never counted
+    as vacuumed, and the next call vacuums it."""
+    db = storm_db
+    finish(db, None)
+    todo = [p["name"] for p in db.scalar("SELECT dbops.p2_vacuum_plan(%s)", (TABLE,))["partitions"]]
+    holder = db.connect()
+    with holder.cursor() as cur:
+        cur.execute(f"LOCK TABLE public.{todo[0]} IN SHARE UPDATE EXCLUSIVE MODE")
+    try:
+        r = vacuum_module(db, {})["result"]
+        assert r["skipped"] == [todo[0]] and sorted(r["vacuumed"]) == sorted(todo[1:]), r
+        assert any("skipping" in x and todo[0] in x for x in r["skipped_reasons"]), r
+        assert todo[0] not in vacuumed_parts(db)
+    finally:
+        holder.rollback()
+        holder.close()
+    again = vacuum_module(db, {})["result"]
+    assert again["vacuumed"] == [todo[0]] and again["skipped"] == [], again

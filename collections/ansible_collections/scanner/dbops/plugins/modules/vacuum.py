@@ -13,8 +13,8 @@ description:
   - Before each VACUUM it reads C(dbops.p2_backfill_health(table, health)), the backfill's signals (standby
     replay lag, WAL per second, autovacuum, waiting locks, active sessions); while one is over its threshold
     it runs nothing and waits, and reports each pause with its reason and length.
-  - A partition another session holds a conflicting lock on (autovacuum) is skipped, not waited for, and
-    reported; the next run vacuums what is still left. Idempotent: a second call finds nothing to do.
+  - A partition VACUUM skips (another session holds a conflicting lock, e.g. autovacuum; or this role may
+    not vacuum it) is reported with the server's reason, never counted as vacuumed. Idempotent: a second call finds nothing to do.
   - In check mode it reports what it would vacuum and runs nothing.
 options:
   table: {type: str, required: true, description: The table being converted (its dbops.p2_state row).}
@@ -161,7 +161,7 @@ def main():
             conn.close()
             module.fail_json(msg=str(exc), lock_lost=isinstance(exc, LeaseLost))
     deadline = t0 + p["max_seconds"] if p["max_seconds"] > 0 else None
-    vacuumed, skipped = [], []
+    vacuumed, skipped, reasons = [], [], []
     with conn.cursor() as cur:
         health = Health(cur, p["table"], p["health"])
         try:
@@ -173,8 +173,14 @@ def main():
                 conn.notices.drain()
                 cur.execute(pgsql.SQL("VACUUM (SKIP_LOCKED) {}.{}").format(pgsql.Identifier("public"),
                                                                           pgsql.Identifier(part["name"])))
-                if any("skipping vacuum" in n for n in conn.notices.drain()):
+                # VACUUM skips with a WARNING, not an error: a lock held by another session (SKIP_LOCKED,
+                # "skipping vacuum of ... lock not available") or a role that may not vacuum it ("skipping
+                # ... only table or database owner can vacuum it"; 16+: "permission denied to vacuum ...,
+                # skipping it"). Reported with the server's words, never counted as vacuumed.
+                said = [n for n in conn.notices.drain() if "skipping" in n]
+                if said:
                     skipped.append(part["name"])
+                    reasons.extend(said)
                 else:
                     vacuumed.append(part["name"])
         except Budget:
@@ -190,7 +196,7 @@ def main():
         module.fail_json(msg=lost, lock_lost=True)
     result = dict(status="vacuumed" if len(vacuumed) + len(skipped) == len(parts) else "stopped: time budget",
                   table=p["table"], shadow=plan.get("shadow"), vacuumed=vacuumed, skipped=skipped,
-                  left=len(parts) - len(vacuumed) - len(skipped),
+                  left=len(parts) - len(vacuumed) - len(skipped), skipped_reasons=reasons,
                   bytes=sum(x["bytes"] for x in parts if x["name"] in vacuumed),
                   seconds=round(time.monotonic() - t0, 1), pauses=health.pauses,
                   health_unavailable=health.unavailable)
