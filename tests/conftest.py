@@ -34,18 +34,16 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PG_SCRIPT = REPO / "scripts" / "pg_embedded.sh"
-
-
 OWNER_FILE = "owner.pid"   # in each /tmp/scanner-test-pg-* folder: the pid of the test process that made it
 
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)   # PermissionError: alive, someone else's
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
@@ -79,6 +77,8 @@ def pytest_configure(config):
         signal.signal(signal.SIGTERM, _unwind)
     if not hasattr(config, "workerinput"):   # the controller (or a run without xdist), once
         reap_leftover_servers()
+
+
 BASELINE_DIR = REPO / "files" / "sql" / "baseline"
 NO_TX_MARKER = "-- dbops:no-transaction"
 PSQL = next((p for p in ("/usr/lib/postgresql/15/bin/psql", shutil.which("psql")) if p and os.path.exists(p)), None)
