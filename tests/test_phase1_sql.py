@@ -222,6 +222,43 @@ def test_table_bloat_status_from_dead_tuples(phase1_db):
     assert row == [(2000, "CRITICAL")]   # 40 % dead >= 20 %
 
 
+def test_health_check_judges_bloat_by_dead_rows_and_their_size(phase1_db):
+    """The maintenance health verdict (roles/maintenance/files/health/01_statistics.sql): a heap is a
+    bloat finding only with at least bloat_min_dead_rows dead rows AND bloat_min_dead_bytes of them. A
+    few-kB table with 40 % dead rows failed the nightly job as CRITICAL (seen on PostgreSQL 13 in the
+    matrix: a small history partition right after Phase 2); a 4 MB one with half its rows dead still is."""
+    health_sql = (REPO / "roles" / "maintenance" / "files" / "health" / "01_statistics.sql").read_text()
+    phase1_db.query("CREATE TABLE bloat_tiny AS SELECT g AS id FROM generate_series(1, 5000) g;"
+                    "DELETE FROM bloat_tiny WHERE id <= 2000;"
+                    "CREATE TABLE bloat_big AS SELECT g AS id, repeat('x', 400) AS pad FROM generate_series(1, 10000) g;"
+                    "DELETE FROM bloat_big WHERE id % 2 = 0;"
+                    "SELECT pg_stat_force_next_flush()")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and phase1_db.scalar(
+            "SELECT count(*) FROM monitoring.table_bloat WHERE tablename IN ('bloat_tiny', 'bloat_big') "
+            "AND dead_rows >= 2000") < 2:
+        time.sleep(0.2)
+    params = dict(bloat_min_dead_rows=1000, bloat_warning_pct=10, bloat_critical_pct=20, unused_index_min_bytes=1 << 40,
+                  long_warning_seconds=3600, long_critical_seconds=7200, max_rows=50)
+
+    def bloat(min_dead_bytes):
+        conn = phase1_db.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(health_sql, {**params, "bloat_min_dead_bytes": min_dead_bytes})
+                found = next(f for f in cur.fetchone()[0] if f["check"] == "table_bloat")
+        finally:
+            conn.close()
+        return found["severity"], {r["tablename"] for r in found["rows"]} & {"bloat_tiny", "bloat_big"}, found["summary"]
+
+    assert bloat(0)[:2] == ("critical", {"bloat_tiny", "bloat_big"})           # rows alone: both
+    severity, tables, summary = bloat(1 << 20)                                    # 1 MB of dead rows at least
+    assert (severity, tables) == ("critical", {"bloat_big"}), summary
+    assert "bloat_big 50" in summary and "rows, about" in summary, summary
+    assert bloat(1 << 30)[:2] == ("ok", set())                                  # nothing has 1 GB dead
+    phase1_db.query("DROP TABLE bloat_tiny, bloat_big")
+
+
 def test_views_handle_partitioned_tables(phase1_db):
     phase1_db.query("""
         CREATE TABLE part_probe (id int, d date) PARTITION BY RANGE (d);

@@ -26,7 +26,7 @@ SECRET = "sk_live_SECRET123"
 STATEMENT = ("SELECT pg_sleep(60) /* redaction test */, '%s' AS api_key, E'it\\'s 4111-1111' AS card, "
              "$tag$dollar-secret$tag$ AS body, 987654321 AS n" % SECRET)
 HEALTH_SQL = playbook_runner.REPO / "roles" / "maintenance" / "files" / "health" / "01_statistics.sql"
-PARAMS = dict(bloat_min_dead_rows=1000, bloat_warning_pct=20, bloat_critical_pct=50, unused_index_min_bytes=1 << 40,
+PARAMS = dict(bloat_min_dead_rows=1000, bloat_min_dead_bytes=0, bloat_warning_pct=20, bloat_critical_pct=50, unused_index_min_bytes=1 << 40,
               long_warning_seconds=1, long_critical_seconds=3600, max_rows=5)
 
 

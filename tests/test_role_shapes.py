@@ -110,11 +110,6 @@ def test_phases_as_another_role_keep_owners_grants_and_data(pg_server, member_ro
                                            keys_path=str(tmp_path / "keys.jsonl"), max_duration=1500)
                     wl.start()
                 extra = {**FAST, **(ROLLBACK if playbook.startswith("rollback") else {})}
-                if playbook == "maintenance":
-                    # 3 000 calls under a workload that updates them: a partition reaches the
-                    # 1 000 dead-row bloat threshold between autovacuum runs; the health verdict on
-                    # such a toy is not what this test is about (tests/test_maintenance_validate.py is)
-                    extra["maintenance_bloat_min_dead_rows"] = 1000000
                 res = run_playbook(login, playbook, extra_vars=extra, timeout=900)
                 assert res.ok, f"{shape}: {playbook} failed:\n{res.text}"
                 now = relations(db)

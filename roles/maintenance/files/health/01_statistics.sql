@@ -5,7 +5,10 @@ WITH bloat AS (
     SELECT b.schemaname, b.tablename, b.partition_of, b.live_rows, b.dead_rows, b.dead_ratio_pct,
            b.est_bloat_size, b.last_vacuum, b.last_autovacuum,
            CASE
+               -- a small heap is never a finding, whatever its share of dead rows: autovacuum cleans it
+               -- in passing (a few-MB partition with 1 500 dead rows is not worth a failed job)
                WHEN b.dead_rows < %(bloat_min_dead_rows)s THEN 'ok'
+               WHEN coalesce(b.est_bloat_bytes, 0) < %(bloat_min_dead_bytes)s::bigint THEN 'ok'
                WHEN b.dead_ratio_pct >= %(bloat_critical_pct)s THEN 'critical'
                WHEN b.dead_ratio_pct >= %(bloat_warning_pct)s THEN 'warning'
                ELSE 'ok'
@@ -55,10 +58,11 @@ SELECT jsonb_build_array(
                          WHEN count(*) > 0 THEN 'warning' ELSE 'ok' END,
         'summary', CASE WHEN count(*) = 0
             THEN 'no table or partition has over ' || %(bloat_warning_pct)s || '%% dead rows (of at least '
-                 || %(bloat_min_dead_rows)s || ')'
+                 || %(bloat_min_dead_rows)s || ' rows and ' || pg_size_pretty(%(bloat_min_dead_bytes)s::bigint) || ')'
             ELSE count(*) || ' table(s)/partition(s) over the dead-row threshold, worst '
                  || (array_agg(x.schemaname || '.' || x.tablename || ' ' || x.dead_ratio_pct || '%% dead ('
-                               || x.dead_rows || ' rows)' ORDER BY x.dead_ratio_pct DESC))[1]
+                               || x.dead_rows || ' rows, about ' || x.est_bloat_size || ')'
+                               ORDER BY x.dead_ratio_pct DESC))[1]
                  || ': VACUUM ANALYZE it and check autovacuum'
         END,
         'rows', coalesce(jsonb_agg(to_jsonb(x) ORDER BY x.dead_ratio_pct DESC)
