@@ -212,6 +212,7 @@ def engine_cleanup(ck: dict) -> dict:
     conn = psycopg2.connect(**ck)
     conn.autocommit = True
     dropped = refs = 0
+    per_table: dict = {}
     t0 = time.perf_counter()
     try:
         with conn.cursor() as cur:
@@ -220,12 +221,17 @@ def engine_cleanup(ck: dict) -> dict:
                 res = cur.fetchone()[0]
                 dropped += len(res["dropped"])
                 refs += sum(x["references_cleared"] for x in res["dropped"])
+                for x in res["dropped"]:   # each partition's detach, references, proof and drop
+                    t = per_table.setdefault(x["table"], {"partitions": 0, "seconds": 0.0, "references_cleared": 0})
+                    t["partitions"] += 1
+                    t["seconds"] = round(t["seconds"] + float(x.get("seconds") or 0), 3)
+                    t["references_cleared"] += x["references_cleared"]
                 if not res["dropped"] or res["errors"]:
                     break
     finally:
         conn.close()
     return {"seconds": round(time.perf_counter() - t0, 2), "dropped": dropped, "references_cleared": refs,
-            "errors": res["errors"]}
+            "tables": per_table, "errors": res["errors"]}
 
 
 def table_bytes(conn) -> dict:
@@ -368,6 +374,12 @@ def report(out: dict, calls: int, a):
           f"{cl['dropped']} partitions, {cl['references_cleared']} references cleared (application: "
           f"{_w(out['workload_cleanup'])}): {'>= ' if gd['capped'] else ''}{gd['seconds'] / cl['seconds']:.0f}x faster "
           f"(target >= 100x)")
+    for t, c in sorted(cl.get("tables", {}).items()):   # per table: the guide's DELETE of the same rows vs ours
+        d = gd["tables"].get(t, {})
+        ratio = f"{d['seconds'] / c['seconds']:.1f}x" if c["seconds"] and d.get("seconds") else "-"
+        print(f"  {t:<18} DELETE {'>= ' if d.get('capped') else ''}{d.get('seconds', '-')} s | cleanup {c['seconds']} s "
+              f"({c['partitions']} partitions, {c['references_cleared']} references cleared): "
+              f"{'>= ' if d.get('capped') else ''}{ratio}")
     print(f"partitions after Phase 2 {out['partitions_after_phase2']}, after the cleanup {out['partitions_after_cleanup']}")
     print("guide queries, median of 5 (speed = before / after; target >= 1.0x):")
     for k in QUERIES:

@@ -329,6 +329,7 @@ DECLARE
     errors jsonb := '[]';
     old_path text := current_setting('search_path');
     t0 timestamptz := clock_timestamp();
+    item_t0 timestamptz;
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'cleanup_old_data: needs READ COMMITTED (each batch takes a fresh snapshot)';
@@ -392,6 +393,7 @@ BEGIN
         rel := (item ->> 'rel')::oid::regclass;
         fail := NULL;
         n := 0;
+        item_t0 := clock_timestamp();
         refs := coalesce((SELECT jsonb_agg(to_jsonb(f) ORDER BY f.child_table, f.conname) FROM dbops.p2_refs f
                           WHERE f.parent_table = item ->> 'table'
                             AND to_regclass(format('public.%I', f.child_table)) IS NOT NULL), '[]');
@@ -486,7 +488,8 @@ BEGIN
         END IF;
         dropped := dropped || jsonb_build_object('partition', item ->> 'name', 'table', item ->> 'table',
                                                  'range_end', item -> 'range_end', 'rows_estimate', cnt,
-                                                 'references_cleared', n);
+                                                 'references_cleared', n,
+                                                 'seconds', round(extract(epoch FROM clock_timestamp() - item_t0)::numeric, 3));
     END LOOP;
     result := jsonb_build_object('dropped', dropped, 'resumed', resumed, 'deleted', deleted, 'skipped', skipped,
                                  'errors', errors,
