@@ -43,6 +43,21 @@ unit: install-test
 molecule: install-test
 	scripts/molecule.sh
 
+# The invariant test of issue 18 (tests/test_integrity_fuzz.py, docs/TESTING.md "Invariant test"), on
+# other seeds and for longer than in make test: make test-fuzz SEEDS="1 2 3" FUZZ_SECONDS=120
+# (FUZZ_SECONDS: the walk's dwell budget per seed, a seed takes about 3x that; FUZZ_SCALE: demo calls
+# = 500 x scale; FUZZ_THREADS: sessions). Journals of committed transactions: .cache/fuzz/.
+SEEDS ?= 1 2 3
+FUZZ_SECONDS ?= 60
+FUZZ_SCALE ?= 1
+FUZZ_THREADS ?= 4
+.PHONY: test-fuzz
+test-fuzz: install-test
+	mkdir -p .cache/fuzz
+	FUZZ_SEEDS="$(SEEDS)" FUZZ_SECONDS="$(FUZZ_SECONDS)" FUZZ_SCALE="$(FUZZ_SCALE)" FUZZ_THREADS="$(FUZZ_THREADS)" \
+		FUZZ_JOURNAL_DIR="$(CURDIR)/.cache/fuzz" \
+		$(VENV)/pytest tests/test_integrity_fuzz.py -n 0 -s -rA -k test_fuzz_conversion_invariants
+
 # The AWX execution environment: localhost/scanner-dbops-ee:<tag> (docs/AWX.md). Needs root, podman, debootstrap.
 ee: install-test
 	scripts/build_ee.sh

@@ -327,6 +327,8 @@ def test_signals_a_role_cannot_read_are_reported_not_failed(pg_server):
         cur.execute("CREATE ROLE t_nomonitor LOGIN PASSWORD 'nomonitor'")
         cur.execute("GRANT USAGE ON SCHEMA dbops TO t_nomonitor")
         cur.execute("GRANT SELECT ON dbops.p2_state TO t_nomonitor")
+        # engine functions are not executable by PUBLIC (issue 18 item 11): a role that runs one is granted it
+        cur.execute("GRANT EXECUTE ON FUNCTION dbops.p2_backfill_health(text, jsonb, pg_lsn, timestamptz) TO t_nomonitor")
     try:
         conn = psycopg2.connect(host=db.host, port=db.port, dbname=db.name, user="t_nomonitor", password="nomonitor")
         with conn.cursor() as cur:
@@ -342,6 +344,7 @@ def test_signals_a_role_cannot_read_are_reported_not_failed(pg_server):
     finally:
         with su.cursor() as cur:
             cur.execute("REVOKE ALL ON dbops.p2_state FROM t_nomonitor")
+            cur.execute("REVOKE ALL ON FUNCTION dbops.p2_backfill_health(text, jsonb, pg_lsn, timestamptz) FROM t_nomonitor")
             cur.execute("REVOKE USAGE ON SCHEMA dbops FROM t_nomonitor")
             cur.execute("DROP ROLE t_nomonitor")
         su.close()

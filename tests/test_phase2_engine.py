@@ -350,7 +350,9 @@ def check_writes(db, ws):
 # ---------------------------------------------------------------------------------------------
 def test_files_and_rollbacks_pair():
     assert [f.name for f in PHASE2 if f.parent == SQL_DIR] == ["002_01_partition_engine.sql",
-                                                               "002_02_calls_app_key.sql"]
+                                                               "002_02_calls_app_key.sql",
+                                                               "002_04_key_touches.sql",
+                                                               "002_05_detached_partitions.sql"]
     assert sorted(f.relative_to(SQL_DIR / "rollback").as_posix() for f in ROLLBACK2) == sorted(
         [f.relative_to(SQL_DIR).as_posix() for f in PHASE2] + ["002_preconditions.sql"])
     for f in PHASE2 + ROLLBACK2:

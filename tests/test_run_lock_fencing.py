@@ -7,6 +7,9 @@
 - A run whose lock was taken over is refused at its next step (scanner.dbops.step and
   scanner.dbops.migrate) with a message naming the new holder, and the step did not run.
 - A running step whose lock is taken over (forced) is cancelled within a third of the lease.
+A single-transaction step holds the lock row FOR SHARE from its start to its COMMIT (the fence inside
+its transaction, issue 18 item 12: tests/test_integrity_locks.py), so a takeover waits for it; the long
+steps here are procedures committing as they go (like the backfill), which hold the row only briefly.
 """
 from __future__ import annotations
 
@@ -25,6 +28,10 @@ PG_BIN = "/usr/lib/postgresql/15/bin/"
 CONNECTION = str(playbook_runner.REPO / "playbooks" / "vars" / "connection.yml")
 TAKEOVER = ("UPDATE dbops.run_lock SET run_id = 'maint-B', holder = 'awx (maintenance)', acquired_at = now(), "
             "renewed_at = now(), expires_at = now() + interval '10 minutes'")
+# A long step that commits as it goes, like CALL dbops.p2_backfill (a procedure that knows nothing of
+# the fencing token: only the lease keeper watches it).
+SLEEPER = ("CREATE OR REPLACE PROCEDURE public.itest_sleep(secs integer) LANGUAGE plpgsql AS $$ "
+           "BEGIN FOR i IN 1 .. secs * 5 LOOP PERFORM pg_sleep(0.2); COMMIT; END LOOP; END $$")
 
 
 def play_file(tmp_path, tasks, name="fencing") -> str:
@@ -82,8 +89,9 @@ class Contender(threading.Thread):
 def test_a_step_longer_than_the_lease_keeps_the_lock(baseline_db, tmp_path):
     """3 s lease, a 9 s step: the lease is renewed while it runs, run-B never gets it."""
     db = baseline_db
+    db.query(SLEEPER)
     tasks = acquire(ttl=3) + [
-        {"name": "Long step", "scanner.dbops.step": {"sql": "SELECT pg_sleep(9)"}, "register": "long_step"},
+        {"name": "Long step", "scanner.dbops.step": {"sql": "CALL public.itest_sleep(9)"}, "register": "long_step"},
         {"name": "Release", "ansible.builtin.include_role": {"name": "run_lock", "tasks_from": "release"}},
     ]
     probe = db.connect()
@@ -91,7 +99,7 @@ def test_a_step_longer_than_the_lease_keeps_the_lock(baseline_db, tmp_path):
 
     def step_running():
         with probe.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(9)' "
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE query = 'CALL public.itest_sleep(9)' "
                         "AND datname = current_database()")
             return cur.fetchone()[0] > 0
 
@@ -147,12 +155,13 @@ def test_a_run_whose_lock_was_taken_over_is_refused_at_its_next_step(baseline_db
 
 def test_a_running_step_is_cancelled_when_its_lock_is_taken_over(baseline_db, tmp_path):
     db = baseline_db
+    db.query(SLEEPER)
     tasks = acquire(ttl=3) + [
-        {"name": "Long step", "scanner.dbops.step": {"sql": "SELECT pg_sleep(60)"}},
+        {"name": "Long step", "scanner.dbops.step": {"sql": "CALL public.itest_sleep(60)"}},
     ]
     proc, prep = start_playbook(db, play_file(tmp_path, tasks))
     deadline = time.monotonic() + 60
-    while not db.scalar("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' "
+    while not db.scalar("SELECT count(*) FROM pg_stat_activity WHERE query = 'CALL public.itest_sleep(60)' "
                         "AND datname = current_database()"):
         assert time.monotonic() < deadline and proc.poll() is None, "the step did not start"
         time.sleep(0.2)

@@ -473,8 +473,12 @@ BEGIN
         PERFORM dbops.p2_default_lock_timeout();
         EXECUTE format('CREATE TRIGGER p2_sync_fwd AFTER INSERT OR UPDATE OR DELETE ON public.%I '
                        'FOR EACH ROW EXECUTE FUNCTION dbops.%I()', tbl, st.fwd_function);
-        EXECUTE format('CREATE TRIGGER p2_block_truncate BEFORE TRUNCATE ON public.%I '
-                       'FOR EACH STATEMENT EXECUTE FUNCTION dbops.p2_block_truncate()', tbl);
+        IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = format('public.%I', tbl)::regclass
+                       AND tgname = 'p2_block_truncate') THEN
+            -- (a table referenced through a trigger pair has its guard already)
+            EXECUTE format('CREATE TRIGGER p2_block_truncate BEFORE TRUNCATE ON public.%I '
+                           'FOR EACH STATEMENT EXECUTE FUNCTION dbops.p2_block_truncate()', tbl);
+        END IF;
         UPDATE dbops.p2_state SET step = 'prepared', prepared_at = now(), updated_at = now()
         WHERE table_name = tbl;
         res := jsonb_build_object('status', 'prepared', 'changed', true, 'table', tbl, 'shadow', st.shadow_name,

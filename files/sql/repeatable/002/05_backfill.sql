@@ -225,6 +225,7 @@ BEGIN
         RETURN;
     END IF;
     IF st.step = 'prepared' THEN
+        PERFORM dbops.p2_fence(format('before the backfill of %s started', tbl));
         UPDATE dbops.p2_state SET step = 'backfilling', backfill_started_at = now(), updated_at = now()
         WHERE table_name = tbl;
         COMMIT;
@@ -281,6 +282,10 @@ BEGIN
             CONTINUE;
         END IF;
         tb := clock_timestamp();
+        -- under a run lock (scanner.dbops.step sets dbops.run_lock_id): this run still holds it, checked in
+        -- this batch's transaction and held FOR SHARE until its COMMIT (issue 18 item 12, 10_locks.sql)
+        PERFORM dbops.p2_fence(format('before batch %s of this call of the backfill of %s (the batches before it '
+                                      'are committed; the next run resumes after them)', nb + 1, tbl));
         SELECT * INTO st FROM dbops.p2_state WHERE table_name = tbl;
         keyq := format('SELECT max(k)::text, count(*) FROM (SELECT %1$I AS k FROM public.%2$I %3$s ORDER BY %1$I LIMIT %4$s) s',
                        st.pk_col, tbl,
@@ -288,8 +293,16 @@ BEGIN
                        batch_rows);
         EXECUTE keyq INTO nxt, n_keys USING st.last_key;
         IF nxt IS NULL THEN
+            -- the transactions running now that hold a snapshot may have taken it before the last
+            -- batch: the swap waits for them (issue 18; autovacuum and other background workers excepted)
             UPDATE dbops.p2_state SET step = 'backfilled', backfill_done_at = now(), updated_at = now(),
-                   lock_waits = lock_waits + waits, rows_total = rows_done
+                   lock_waits = lock_waits + waits, rows_total = rows_done,
+                   backfill_vxids = ARRAY(SELECT l.virtualxid FROM pg_locks l
+                                          LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+                                          WHERE l.locktype = 'virtualxid' AND l.granted AND l.pid <> pg_backend_pid()
+                                            AND coalesce(a.backend_type, 'client backend') = 'client backend'
+                                            -- no snapshot held (READ COMMITTED between statements): it sees every batch
+                                            AND (a.pid IS NULL OR a.backend_xmin IS NOT NULL))
             WHERE table_name = tbl;
             finished := true;
             COMMIT;
@@ -339,6 +352,7 @@ BEGIN
                      AND attname = st.key_col AND NOT attnotnull) THEN
             EXECUTE format('SELECT count(*) FROM public.%I WHERE %I IS NULL', tbl, st.key_col) INTO n_null;
         END IF;
+        PERFORM dbops.p2_fence(format('after the last batch of the backfill of %s', tbl));
         UPDATE dbops.p2_state SET null_key_rows = n_null WHERE table_name = tbl;
         COMMIT;
         -- autovacuum never analyzes a partitioned parent: do it once here (samples, reads only)

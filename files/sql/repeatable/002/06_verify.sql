@@ -5,6 +5,54 @@
 -- every partition's scan took 9 s of a query that needs 0.9 s.
 
 -- ---------------------------------------------------------------------------------------------
+-- The columns of the two copies must be the same (issue 18 item 6): a column added to one copy
+-- only (DDL during the conversion, or on the live table while swapped) would be dropped from the
+-- live table by the swap, or its values dropped by finalize or a rollback. NULL when both have the
+-- same columns with the same types (generated ones included), else what differs and what to do.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION dbops.p2_column_diff(a regclass, b regclass) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH ca AS (SELECT attname::text AS col, format_type(atttypid, atttypmod) AS typ, attgenerated
+                FROM pg_attribute WHERE attrelid = a AND attnum > 0 AND NOT attisdropped),
+    cb AS (SELECT attname::text AS col, format_type(atttypid, atttypmod) AS typ, attgenerated
+           FROM pg_attribute WHERE attrelid = b AND attnum > 0 AND NOT attisdropped),
+    d AS (
+        SELECT format('column %I %s only in %s', ca.col, ca.typ, a) AS what, ca.col, 1 AS o
+        FROM ca LEFT JOIN cb USING (col) WHERE cb.col IS NULL
+        UNION ALL
+        SELECT format('column %I %s only in %s', cb.col, cb.typ, b), cb.col, 2
+        FROM cb LEFT JOIN ca USING (col) WHERE ca.col IS NULL
+        UNION ALL
+        SELECT format('column %I is %s%s in %s but %s%s in %s', ca.col, ca.typ,
+                      CASE WHEN ca.attgenerated <> '' THEN ' (generated)' ELSE '' END, a, cb.typ,
+                      CASE WHEN cb.attgenerated <> '' THEN ' (generated)' ELSE '' END, b), ca.col, 3
+        FROM ca JOIN cb USING (col) WHERE ca.typ <> cb.typ OR ca.attgenerated <> cb.attgenerated)
+    SELECT string_agg(what, '; ' ORDER BY o, col) FROM d
+$$;
+
+-- Raises when the two copies' columns differ, naming what differs; step says which step refused.
+CREATE OR REPLACE FUNCTION dbops.p2_require_same_columns(step text, a regclass, b regclass) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    diff text := dbops.p2_column_diff(a, b);
+BEGIN
+    IF diff IS NOT NULL THEN
+        RAISE EXCEPTION '%: % and % no longer have the same columns: %', step, a, b, diff
+            USING HINT = format('Nothing was changed. Make the columns the same on both copies (ALTER TABLE ... ADD COLUMN / '
+                                'ALTER COLUMN ... TYPE on the one that lacks it; while converting, before the swap, the '
+                                'simplest is dbops.p2_abort(%L) and a new conversion), then run the step again. '
+                                'No DDL on a table while it converts (docs/PHASE2_DESIGN.md, Limits).',
+                                (SELECT relname FROM pg_class WHERE oid = a)),
+                  ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
 -- Step 3: verify
 -- ---------------------------------------------------------------------------------------------
 -- Per partition range: row count and checksum, source vs shadow (after the swap: the old
@@ -25,8 +73,12 @@ BEGIN
         RAISE EXCEPTION 'p2_verify: % is not backfilled (step %)', tbl, coalesce(st.step, 'none');
     END IF;
     IF st.step = 'swapped' THEN
+        PERFORM dbops.p2_require_same_columns('p2_verify', format('public.%I', st.twin_name)::regclass,
+                                              format('public.%I', tbl)::regclass);
         res := dbops.p2_compare(tbl, st.twin_name, tbl);
     ELSE
+        PERFORM dbops.p2_require_same_columns('p2_verify', format('public.%I', tbl)::regclass,
+                                              format('public.%I', st.shadow_name)::regclass);
         res := dbops.p2_compare(tbl, tbl, st.shadow_name);
     END IF;
     res := res || jsonb_build_object('table', tbl, 'step', st.step,

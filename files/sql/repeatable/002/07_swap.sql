@@ -72,6 +72,7 @@ DECLARE
     props jsonb;
     pubwarn jsonb;
     schema_pubs oid[] := '{}';
+    older text;
 BEGIN
     SELECT * INTO st FROM dbops.p2_state WHERE table_name = tbl FOR UPDATE;
     IF FOUND AND st.step IN ('swapped', 'finalized') THEN
@@ -82,17 +83,34 @@ BEGIN
         RAISE EXCEPTION 'p2_swap: % must be verified first (step %)', tbl, coalesce(st.step, 'none')
             USING HINT = 'SELECT dbops.p2_verify(...) right before the swap.';
     END IF;
+    -- snapshots older than the backfill's last batch do not see every copied row (issue 18)
+    SELECT string_agg(format('pid %s (%s, %s)', l.pid, coalesce(nullif(a.application_name, ''), 'no application name'),
+                             coalesce(a.state, 'state hidden')), ', ' ORDER BY l.pid)
+    INTO older
+    FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+    WHERE l.locktype = 'virtualxid' AND l.granted AND l.virtualxid = ANY (st.backfill_vxids) AND l.pid <> pg_backend_pid()
+      AND (a.pid IS NULL OR a.backend_xmin IS NOT NULL);
+    IF older IS NOT NULL THEN
+        RAISE lock_not_available USING
+            MESSAGE = format('p2_swap: %s is waiting for transactions that began before its backfill finished: %s', tbl, older),
+            DETAIL = 'A snapshot older than the last backfill batch does not see every copied row; after the swap such a '
+                     'transaction would read the partitioned table without them (an online index build waits the same way).',
+            HINT = 'Retried like a lock wait; end those transactions if they do not finish.';
+    END IF;
     PERFORM dbops.p2_default_lock_timeout();
     t0 := clock_timestamp();
-    EXECUTE format('LOCK TABLE public.%I, public.%I IN ACCESS EXCLUSIVE MODE', tbl, st.shadow_name);
-    IF cardinality(dbops.p2_child_tables(tbl)) > 0 THEN   -- their foreign keys become triggers
-        EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', array_to_string(dbops.p2_child_tables(tbl), ', '));
-    END IF;
+    -- table, shadow, then the tables referencing it (their foreign keys become triggers), in one LOCK;
+    -- a failed attempt names its holders, a blocking autovacuum is let go (dbops.p2_lock, 10_locks.sql)
+    PERFORM dbops.p2_lock(format('p2_swap(%s)', tbl), ARRAY[format('public.%I', tbl), format('public.%I', st.shadow_name)]::regclass []
+                                                    || dbops.p2_child_tables(tbl)::regclass []);
     t_lock := clock_timestamp();
     IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = format('public.%I', tbl)::regclass
                    AND tgname = 'p2_sync_fwd' AND tgenabled IN ('O', 'A')) THEN
         RAISE EXCEPTION 'p2_swap: the sync trigger of % is missing or disabled: the shadow cannot be trusted', tbl;
     END IF;
+    -- DDL since the verification (issue 18 item 6): the swap would drop a column from the live table
+    PERFORM dbops.p2_require_same_columns('p2_swap', format('public.%I', tbl)::regclass,
+                                          format('public.%I', st.shadow_name)::regclass);
     IF recount THEN
         EXECUTE format('SELECT (SELECT count(*) FROM public.%I), (SELECT count(*) FROM public.%I)', tbl, st.shadow_name)
             INTO n_src, n_dst;
@@ -180,6 +198,7 @@ BEGIN
 
     UPDATE dbops.p2_state SET step = 'swapped', swapped_at = now(), user_triggers = utrig, updated_at = now()
     WHERE table_name = tbl;
+    PERFORM dbops.p2_truncate_guards(tbl);   -- each partition: the reverse sync must see every change
     PERFORM dbops.p2_sync_functions(tbl);   -- the reverse function, for the columns both share now
     RETURN dbops.p2_log(tbl, 'swap', jsonb_build_object(
         'status', 'swapped', 'changed', true, 'table', tbl, 'old_table', st.twin_name,
@@ -223,10 +242,10 @@ BEGIN
     END IF;
     PERFORM dbops.p2_default_lock_timeout();
     t0 := clock_timestamp();
-    EXECUTE format('LOCK TABLE public.%I, public.%I IN ACCESS EXCLUSIVE MODE', tbl, st.twin_name);
-    IF cardinality(dbops.p2_child_tables(tbl)) > 0 THEN   -- their references change form again
-        EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', array_to_string(dbops.p2_child_tables(tbl), ', '));
-    END IF;
+    -- table, old copy, then the tables referencing it (their references change form again), in one
+    -- LOCK; a failed attempt names its holders, a blocking autovacuum is let go (dbops.p2_lock)
+    PERFORM dbops.p2_lock(format('p2_rollback(%s)', tbl), ARRAY[format('public.%I', tbl), format('public.%I', st.twin_name)]::regclass []
+                                                        || dbops.p2_child_tables(tbl)::regclass []);
     t_lock := clock_timestamp();
     IF recount THEN
         EXECUTE format('SELECT (SELECT count(*) FROM public.%I), (SELECT count(*) FROM public.%I)', tbl, st.twin_name)
@@ -270,6 +289,7 @@ BEGIN
     UPDATE dbops.p2_state SET step = 'backfilled', rolled_back_at = now(), swapped_at = NULL,
            verified_at = NULL, verify_result = NULL, user_triggers = '[]', updated_at = now()
     WHERE table_name = tbl;
+    PERFORM dbops.p2_truncate_guards(tbl);
     PERFORM dbops.p2_sync_functions(tbl);   -- the forward function, for the columns both share now
     RETURN dbops.p2_log(tbl, 'rollback', jsonb_build_object(
         'status', 'rolled back', 'changed', true, 'table', tbl, 'partitioned_table_kept_as', st.shadow_name,
@@ -372,6 +392,13 @@ BEGIN
     v := dbops.p2_verify(tbl);
     size_freed := pg_total_relation_size(format('public.%I', st.twin_name)::regclass);
     PERFORM dbops.p2_default_lock_timeout();
+    -- every lock first, holding none yet: the table, its old copy and the old copies referencing it;
+    -- a failed attempt names its holders, a blocking autovacuum is let go (dbops.p2_lock)
+    PERFORM dbops.p2_lock(format('p2_finalize(%s)', tbl), ARRAY[format('public.%I', tbl), format('public.%I', st.twin_name)]::regclass []
+        || ARRAY(SELECT DISTINCT c.conrelid::regclass FROM pg_constraint c, dbops.p2_state s
+                 WHERE c.contype = 'f' AND c.confrelid = format('public.%I', st.twin_name)::regclass
+                   AND c.conrelid <> c.confrelid AND s.step = 'swapped'
+                   AND to_regclass(format('public.%I', s.twin_name)) = c.conrelid ORDER BY 1));
     EXECUTE format('DROP TRIGGER IF EXISTS p2_sync_rev ON public.%I', tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS p2_block_truncate ON public.%I', tbl);
     -- foreign keys between old tables (one converted before the other) go with them
@@ -385,10 +412,15 @@ BEGIN
         END IF;
         EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', fk.rel, fk.conname);
     END LOOP;
-    EXECUTE format('DROP TABLE public.%I', st.twin_name);
+    -- its TOAST table is not locked by LOCK TABLE: an autovacuum of it is let go here
+    PERFORM dbops.p2_lock(format('p2_finalize(%s)', tbl), ARRAY[format('public.%I', st.twin_name)]::regclass [],
+                          stmt => format('DROP TABLE public.%I', st.twin_name));
     EXECUTE format('DROP FUNCTION IF EXISTS dbops.%I()', st.fwd_function);
     EXECUTE format('DROP FUNCTION IF EXISTS dbops.%I()', st.rev_function);
     UPDATE dbops.p2_state SET step = 'finalized', finalized_at = now(), updated_at = now() WHERE table_name = tbl;
+    -- a table still referenced through triggers keeps its TRUNCATE guards (a native foreign key
+    -- refuses TRUNCATE of the referenced table); the others' partitions lose theirs
+    PERFORM dbops.p2_truncate_guards(tbl);
     RETURN dbops.p2_log(tbl, 'finalize', jsonb_build_object(
         'status', 'finalized', 'changed', true, 'table', tbl, 'dropped', st.twin_name, 'bytes_freed', size_freed,
         'rows', v -> 'target_rows', 'null_key_rows', v -> 'null_key_rows'));
@@ -422,6 +454,7 @@ BEGIN
     EXECUTE format('DROP FUNCTION IF EXISTS dbops.%I()', st.rev_function);
     DELETE FROM dbops.p2_objects WHERE table_name = tbl;
     DELETE FROM dbops.p2_state WHERE table_name = tbl;
+    PERFORM dbops.p2_truncate_guards(tbl);
     RETURN dbops.p2_log(tbl, 'abort', jsonb_build_object('status', 'aborted', 'changed', true, 'table', tbl,
                                                          'dropped', st.shadow_name, 'was', st.step));
 END

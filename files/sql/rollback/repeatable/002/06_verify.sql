@@ -4,3 +4,5 @@
 
 DROP FUNCTION IF EXISTS dbops.p2_verify(text);
 DROP FUNCTION IF EXISTS dbops.p2_compare(text, text, text);
+DROP FUNCTION IF EXISTS dbops.p2_require_same_columns(text, regclass, regclass);
+DROP FUNCTION IF EXISTS dbops.p2_column_diff(regclass, regclass);

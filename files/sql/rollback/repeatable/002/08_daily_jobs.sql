@@ -21,6 +21,8 @@ $$;
 
 DROP PROCEDURE IF EXISTS public.cleanup_old_data(integer, integer, text, integer, boolean, jsonb);
 DROP PROCEDURE IF EXISTS public.maintain_partitions(text, integer, bigint, boolean, jsonb);
+DROP FUNCTION IF EXISTS dbops.p2_detached_check(oid, boolean);
+DROP FUNCTION IF EXISTS dbops.p2_move_triggers(regclass);
 DROP PROCEDURE IF EXISTS dbops.p2_daily_try(text [], text, integer, text, bigint);
 DROP FUNCTION IF EXISTS dbops.p2_daily_step(text []);
 DROP FUNCTION IF EXISTS public.cleanup_old_data(integer);

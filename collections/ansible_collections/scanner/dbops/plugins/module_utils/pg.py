@@ -87,23 +87,35 @@ def sqlstate(exc) -> str | None:
     return getattr(exc, "pgcode", None)
 
 
-def with_retries(fn, retries: int, delay: float, max_delay: float = 30.0, on_retry=None):
+def with_retries(fn, retries: int, delay: float, max_delay: float = 30.0, on_retry=None, free_wait=None):
     """Run fn(); on lock_timeout (55P03), deadlock or serialization failure, back off and retry.
 
     Exponential backoff (delay, 2*delay, ... capped at max_delay). Returns (result, attempts).
-    Re-raises the last error when retries are exhausted: never waits unbounded."""
+    Re-raises the last error when retries are exhausted: never waits unbounded.
+    free_wait(exc), when given, is asked first: a number is a retry that does not count against
+    retries, after that many seconds (LockAssist: an autovacuum PostgreSQL was made to cancel, or an
+    anti-wraparound one waited out, each bounded by its own budget); None is an ordinary retry."""
     attempt = 0
+    used = 0
     while True:
         attempt += 1
         try:
             return fn(), attempt
         except psycopg2.Error as exc:
-            if sqlstate(exc) not in RETRYABLE or attempt > retries:
+            if sqlstate(exc) not in RETRYABLE:
                 raise
-            wait = min(max_delay, delay * (2 ** (attempt - 1)))
+            free = free_wait(exc) if free_wait else None
+            if free is None:
+                used += 1
+                if used > retries:
+                    raise
+                wait = min(max_delay, delay * (2 ** (used - 1)))
+            else:
+                wait = free
             if on_retry:
                 on_retry(attempt, wait, exc)
-            time.sleep(wait)
+            if wait:
+                time.sleep(wait)
 
 
 def pg_error_text(exc) -> str:
@@ -115,6 +127,8 @@ def pg_error_text(exc) -> str:
     parts.append("%s%s" % ("[%s] " % code if code else "", primary))
     for label, attr in (("detail", "message_detail"), ("hint", "message_hint"), ("context", "context")):
         val = getattr(diag, attr, None) if diag else None
+        if val and label in ("detail", "context") and lock_detail(exc) is not None:
+            continue  # the engine's holders as jsonb, for machines: its message names them already
         if val:
             parts.append("%s: %s" % (label, val.strip()))
     return "; ".join(parts)
@@ -160,14 +174,88 @@ def renew_lease(conn, schema: str, run_id: str, what: str) -> float:
             holder = cur.fetchone()
         else:
             holder = None
+    raise LeaseLost(lease_lost_message(run_id, holder, what))
+
+
+def lease_lost_message(run_id: str, holder, what: str) -> str:
+    """The operator's message when this run lost the lock (holder: run_id, holder, acquired_at or None)."""
     if holder:
         now_held = "it is now held by %s (run %s), who took it at %s" % (holder[1], holder[0], holder[2])
     else:
         now_held = "nobody holds it now (it was released)"
-    raise LeaseLost(
-        "this run (run %s) no longer holds the migration run lock: %s. Stopped %s; this run changes nothing "
-        "more. Wait for that run to finish (or check why the lease of this run was not renewed), then re-run "
-        "to continue." % (run_id, now_held, what))
+    return ("this run (run %s) no longer holds the migration run lock: %s. Stopped %s; this run changes nothing "
+            "more. Wait for that run to finish (or check why the lease of this run was not renewed), then re-run "
+            "to continue." % (run_id, now_held, what))
+
+
+# The fencing token inside the step's own transaction (issue 18 item 12). The controller's lease
+# check (LeaseKeeper: before the step, then every third of the lease) cannot stop a statement already
+# sent, nor see a takeover between its check and the statement. So the step's transaction itself
+# first reads the lock row FOR SHARE: another run holds it -> LeaseLost before anything is changed;
+# ours -> held until the step's COMMIT, and a takeover (an UPDATE of that row) waits for it. A lease
+# of this run that expired meanwhile (its renewal may have waited for this very row lock; nobody took
+# it) is renewed in the same transaction. Procedures that COMMIT per batch (CALL dbops.p2_backfill,
+# the daily jobs) cannot run inside a transaction block: they read dbops.run_lock_id /
+# dbops.run_lock_schema from their session and call dbops.p2_fence per batch (10_locks.sql).
+FENCE_SQL = """
+SELECT expires_at > now() FROM {schema}.run_lock WHERE lock_name = 'migration' AND run_id = %s FOR SHARE"""
+FENCE_SQLSTATE = "DBF01"   # dbops.p2_fence: this run no longer holds the run lock
+_AUTOCOMMIT_ONLY = re.compile(
+    r"^\s*(CALL|VACUUM|CHECKPOINT|ALTER\s+SYSTEM|(CREATE|DROP|ALTER)\s+(DATABASE|TABLESPACE)|"
+    r"(CREATE|DROP)\s+(UNIQUE\s+)?INDEX\s+CONCURRENTLY|REINDEX\b.*\bCONCURRENTLY|"
+    r"ALTER\s+TABLE\b.*\bDETACH\s+PARTITION\b.*\b(CONCURRENTLY|FINALIZE))",
+    re.IGNORECASE | re.DOTALL)
+
+
+def autocommit_only(statement: str) -> bool:
+    """A statement that cannot run inside a transaction block (a procedure that COMMITs, VACUUM,
+    CONCURRENTLY builds, ...): it is fenced just before it runs, and per batch by the engine."""
+    text = re.sub(r"^(\s*(--[^\n]*\n|/\*.*?\*/))*", "", statement, flags=re.DOTALL)
+    return bool(_AUTOCOMMIT_ONLY.match(text))
+
+
+def fence_check(cur, schema: str, run_id: str, what: str):
+    """Inside the caller's transaction: this run still holds the run lock (held FOR SHARE until that
+    transaction ends). Raises LeaseLost (the caller rolls back) naming the run that holds it now."""
+    cur.execute("SELECT to_regclass(%s) IS NOT NULL", ("%s.run_lock" % _q(schema, "{schema}").as_string(cur),))
+    holder = None
+    if cur.fetchone()[0]:
+        cur.execute(_q(schema, FENCE_SQL), (run_id,))
+        row = cur.fetchone()
+        if row is not None:
+            if not row[0]:
+                cur.execute(_q(schema, LEASE_RENEW_SQL), (run_id,))
+            return
+        cur.execute(_q(schema, LEASE_HOLDER_SQL))
+        holder = cur.fetchone()
+    raise LeaseLost(lease_lost_message(run_id, holder, what))
+
+
+def fence_autocommit(conn, schema: str, run_id: str, what: str):
+    """fence_check in a transaction of its own, right before a statement that cannot run in one."""
+    with conn.cursor() as cur:
+        cur.execute("BEGIN")
+        try:
+            fence_check(cur, schema, run_id, what)
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")
+
+
+def set_fence_token(conn, schema: str, run_id: str):
+    """Give the session the token the engine's procedures check per batch (dbops.p2_fence)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT set_config('dbops.run_lock_id', %s, false), set_config('dbops.run_lock_schema', %s, false)",
+                    (run_id, schema))
+
+
+def fence_lost_text(exc) -> str | None:
+    """The message of dbops.p2_fence's error (this run lost the lock during a procedure), else None."""
+    if sqlstate(exc) != FENCE_SQLSTATE:
+        return None
+    diag = getattr(exc, "diag", None)
+    return (getattr(diag, "message_primary", None) or str(exc)).strip()
 
 
 class LeaseKeeper:
@@ -230,3 +318,282 @@ class LeaseKeeper:
         if self._conn is not None:
             self._conn.close()
         return self.lost
+
+
+# ---- lock waits: who holds the lock, and getting past an autovacuum (issue 18 item 10) ----------
+# When psycopg2 gets lock_timeout (55P03) the waiting statement is gone, and with it what
+# pg_blocking_pids() would have said. The engine's lock-taking steps name their holders themselves
+# (dbops.p2_lock: message, and DETAIL {"holders", "action", "autovacuum"} as jsonb). For any other
+# statement a LockWatch looks from a second connection, while the statement runs, whether it waits for
+# a lock and who blocks it; the retry notices and the final error name them. When the only blockers are
+# autovacuum workers not preventing wraparound, LockAssist makes PostgreSQL cancel them as the engine
+# does: a probe, LOCK TABLE ONLY <relation> IN SHARE UPDATE EXCLUSIVE MODE (no application query waits
+# behind that mode) with lock_timeout = deadlock_timeout + 500 ms; past deadlock_timeout PostgreSQL's
+# deadlock check cancels a (non-wraparound) autovacuum blocking a lock request; then the statement is
+# tried again at once. An anti-wraparound autovacuum is never cancelled: the step waits for it to end
+# (wraparound_wait), polling pg_locks, never queueing the application behind a lock request meanwhile.
+WATCH_SQL = """
+SELECT w.relation, w.relation::regclass::text, w.mode, b.pid, b.usename, b.application_name, b.state,
+       b.backend_type, round(extract(epoch FROM clock_timestamp() - b.xact_start)::numeric, 1)::float8,
+       left(regexp_replace(b.query, '\\s+', ' ', 'g'), CASE WHEN b.backend_type = 'autovacuum worker' THEN 120 ELSE 60 END),
+       coalesce(b.query, '') = '<insufficient privilege>',
+       EXISTS (SELECT 1 FROM pg_stat_progress_vacuum v WHERE v.pid = b.pid),
+       b.usesysid IS NULL AND b.backend_type IS NULL,
+       (SELECT string_agg(DISTINCT format('%%s on %%s', l.mode, l.relation::regclass), ', ')
+          FROM pg_locks l WHERE l.pid = b.pid AND l.granted AND l.relation = w.relation)
+  FROM pg_stat_activity a
+  CROSS JOIN LATERAL unnest(pg_blocking_pids(a.pid)) bp (pid)
+  LEFT JOIN pg_stat_activity b ON b.pid = bp.pid
+  LEFT JOIN LATERAL (SELECT l.relation, l.mode FROM pg_locks l
+                      WHERE l.pid = a.pid AND NOT l.granted ORDER BY l.relation NULLS LAST LIMIT 1) w ON true
+ WHERE a.pid = %s AND a.wait_event_type = 'Lock'"""
+WATCH_KEYS = ("relid", "relation", "mode", "pid", "role", "application_name", "state", "backend_type", "xact_seconds",
+              "query", "hidden", "vacuum", "hidden_worker", "locks")
+
+
+def lock_detail(exc):
+    """The engine's lock failure details (dbops.p2_lock's DETAIL jsonb) as a dict, else None."""
+    import json
+    diag = getattr(exc, "diag", None)
+    text = (getattr(diag, "message_detail", None) or "").strip() if diag else ""
+    if not text.startswith("{"):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) and "holders" in value else None
+
+
+def holder_text(h: dict) -> str:
+    """One blocker, as the engine's dbops.p2_lock_text says it."""
+    locks = h.get("locks") or (("%s on %s" % (h.get("mode"), h.get("relation"))) if h.get("relation") else "")
+    if isinstance(locks, list):   # the engine's holders: one lock per partition, the first three said
+        locks = ", ".join(locks[:3]) + (" and %d more" % (len(locks) - 3) if len(locks) > 3 else "")
+    if h.get("autovacuum"):
+        return "pid %s (%sautovacuum worker%s%s%s)" % (
+            h["pid"], "anti-wraparound " if h.get("wraparound") else "",
+            ', "%s"' % h["query"] if h.get("query") and not h.get("hidden") else "",
+            ", %s" % locks if locks else "",
+            ", running %s s" % h["xact_seconds"] if h.get("xact_seconds") is not None else "")
+    parts = []
+    if h.get("role"):
+        parts.append("role %s" % h["role"])
+    if h.get("application_name") is not None:
+        parts.append('application "%s"' % h["application_name"])
+    if h.get("vacuum"):
+        parts.append("VACUUM")
+    if h.get("state"):
+        parts.append(h["state"])
+    if h.get("xact_seconds") is not None:
+        parts.append("transaction %s s" % h["xact_seconds"])
+    if locks:
+        parts.append(locks)
+    parts.append("query hidden from this role (not a member of pg_read_all_stats)" if h.get("hidden")
+                 else 'query "%s"' % (h.get("query") or ""))
+    return "pid %s (%s)" % (h["pid"], ", ".join(parts))
+
+
+class LockWatch:
+    """From its own connection, every `every` seconds, whether the session pid waits for a lock, and who
+    blocks it (pg_blocking_pids only while it waits). observed() returns the blockers seen since mark()."""
+
+    def __init__(self, params: dict, every: float = 0.1):
+        import threading
+        self.params, self.every, self.pid = params, every, None
+        self._lock = threading.Lock()
+        self._seen = {}
+        self._stop = threading.Event()
+        self._thread = None
+        self._conn = None
+
+    def start(self):
+        import threading
+        try:
+            self._conn = connect(self.params, "scanner-dbops lock watch")
+        except RuntimeError:
+            return self   # nothing to watch with: the step runs anyway, its errors just name no holder
+        self._thread = threading.Thread(target=self._loop, name="lock-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def mark(self, pid=None):
+        with self._lock:
+            if pid is not None:
+                self.pid = pid
+            self._seen = {}
+
+    def observed(self) -> list:
+        with self._lock:
+            return list(self._seen.values())
+
+    def _loop(self):
+        while not self._stop.wait(self.every):
+            pid = self.pid
+            if pid is None:
+                continue
+            try:
+                with self._conn.cursor() as cur:
+                    cur.execute(WATCH_SQL, (pid,))
+                    rows = cur.fetchall()
+            except Exception:  # pylint: disable=broad-except
+                return
+            if not rows:
+                continue
+            with self._lock:
+                if pid != self.pid:
+                    continue
+                for row in rows:
+                    h = dict(zip(WATCH_KEYS, row))
+                    if h["pid"] is None:
+                        continue
+                    h["autovacuum"] = h["backend_type"] == "autovacuum worker" or bool(h["vacuum"] and h["hidden_worker"])
+                    h["wraparound"] = bool(h["autovacuum"] and "(to prevent wraparound)" in (h["query"] or ""))
+                    self._seen[h["pid"]] = h
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self._conn is not None:
+            self._conn.close()
+
+
+class LockAssist:
+    """Used by scanner.dbops.step and migrate around their retry loops (see above)."""
+
+    def __init__(self, params: dict, wraparound_wait: float = 0.0, max_probes: int = 3, prefix: str = ""):
+        self.watch = LockWatch(params).start()
+        self.wraparound_wait, self.max_probes, self.prefix = wraparound_wait, max_probes, prefix
+        self.conn = None
+        self.probes = 0
+        self.waited = 0.0
+        self.notes = []          # "autovacuum: ..." lines: what was done about an autovacuum
+
+    def attach(self, conn):
+        self.conn = conn
+        self.watch.mark(conn.get_backend_pid())
+
+    def mark(self):
+        """A new attempt starts: forget what the last one waited for."""
+        self.watch.mark()
+
+    def close(self):
+        self.watch.stop()
+
+    def holders(self, exc) -> list:
+        det = lock_detail(exc)
+        if det is not None:
+            return list(det.get("holders") or [])
+        return self.watch.observed() if sqlstate(exc) == LOCK_NOT_AVAILABLE else []
+
+    def describe(self, exc) -> str:
+        """pg_error_text, naming the blockers the watch saw when the error does not name them itself."""
+        text = pg_error_text(exc)
+        if sqlstate(exc) != LOCK_NOT_AVAILABLE or lock_detail(exc) is not None:
+            return text
+        seen = self.watch.observed()
+        if not seen:
+            return text + "; the lock's holder(s) could not be seen (the wait was shorter than the watch's interval)"
+        return text + "; held by " + "; ".join(holder_text(h) for h in seen)
+
+    def _note(self, text):
+        self.notes.append("autovacuum: " + self.prefix + text)
+
+    def free_wait(self, exc):
+        """with_retries' free_wait: 0 after PostgreSQL cancelled a blocking autovacuum or an anti-wraparound
+        one was waited out; None otherwise (an ordinary retry)."""
+        if sqlstate(exc) != LOCK_NOT_AVAILABLE or self.conn is None or self.conn.closed:
+            return None
+        det = lock_detail(exc)
+        if det is not None:
+            if det.get("action") in ("wait_wraparound", "not_cancelled"):
+                return self._wait_out(det.get("holders") or [])
+            return None
+        seen = self.watch.observed()
+        if not seen or not all(h.get("autovacuum") for h in seen):
+            return None
+        if any(h.get("wraparound") for h in seen):
+            return self._wait_out(seen)
+        if self.probes >= self.max_probes:
+            return None
+        return self._probe(seen)
+
+    def _relids(self, holders):
+        out = set()
+        for h in holders:
+            for r in (h.get("relids") or ([h["relid"]] if h.get("relid") else [])):
+                out.add(int(r))
+        return sorted(out)
+
+    def _probe(self, seen):
+        relids = self._relids(seen)
+        if not relids:
+            return None
+        self.probes += 1
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT setting::float8 FROM pg_settings WHERE name = 'deadlock_timeout'")
+            dt = cur.fetchone()[0]
+            if dt > 5000:
+                return None
+            cur.execute("SELECT c.oid::regclass::text FROM pg_class c WHERE c.oid = ANY(%s::oid[]) "
+                        "AND c.relkind IN ('r', 'p', 'm') ORDER BY c.oid", (relids,))
+            names = [r[0] for r in cur.fetchall()]
+            if not names:
+                return None   # a TOAST table's autovacuum: LOCK TABLE cannot wait for it
+            results = []
+            for name in names:
+                t0 = time.monotonic()
+                cur.execute("BEGIN")
+                try:
+                    cur.execute("SET LOCAL lock_timeout = %s", ("%dms" % (dt + 500),))
+                    cur.execute("LOCK TABLE ONLY %s IN SHARE UPDATE EXCLUSIVE MODE" % name)
+                    granted = True
+                except psycopg2.Error as exc:
+                    if sqlstate(exc) != LOCK_NOT_AVAILABLE:
+                        raise
+                    granted = False
+                finally:
+                    cur.execute("ROLLBACK")
+                results.append((name, granted, (time.monotonic() - t0) * 1000))
+        who = "; ".join(holder_text(h) for h in seen)
+        waited = max(r[2] for r in results)
+        if not all(r[1] for r in results):
+            self._note("%s was not cancelled by PostgreSQL when a probe waited %.0f ms (deadlock_timeout %.0f ms): "
+                       "probably an anti-wraparound one" % (who, waited, dt))
+            return None
+        if waited >= 0.9 * dt:
+            self._note("the only holder was %s: cancelled it (not an anti-wraparound one): a probe waited %.0f ms for "
+                       "SHARE UPDATE EXCLUSIVE on %s (no application query waits behind that mode), past deadlock_timeout "
+                       "(%.0f ms), so PostgreSQL's deadlock check cancelled the autovacuum; it runs again later"
+                       % (who, waited, ", ".join(r[0] for r in results), dt))
+        else:
+            self._note("the only holder was %s: it finished while a probe waited %.0f ms" % (who, waited))
+        return 0.0
+
+    def _wait_out(self, holders):
+        """Poll (no lock request: nobody queues behind it) until the holders no longer hold those relations,
+        within wraparound_wait seconds in all; 0 then, None when the budget is used up."""
+        pids = sorted({int(h["pid"]) for h in holders if h.get("pid") is not None})
+        relids = self._relids(holders)
+        if not pids or self.waited >= self.wraparound_wait:
+            return None
+        who = "; ".join(holder_text(h) for h in holders)
+        t0 = time.monotonic()
+        while True:
+            with self.conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM pg_locks WHERE granted AND pid = ANY(%s) AND (relation = ANY(%s::oid[]) "
+                            "OR cardinality(%s::oid[]) = 0)", (pids, relids, relids))
+                still = cur.fetchone()[0]
+            spent = time.monotonic() - t0
+            if not still:
+                self.waited += spent
+                self._note("waited %.0f s for %s to finish: an autovacuum preventing transaction ID wraparound is "
+                           "never cancelled" % (spent, who))
+                return 0.0
+            if self.waited + spent >= self.wraparound_wait:
+                self.waited += spent
+                self._note("waited %.0f s for %s (an anti-wraparound autovacuum, never cancelled): still running after "
+                           "wraparound_wait = %.0f s" % (self.waited, who, self.wraparound_wait))
+                return None
+            time.sleep(min(2.0, max(0.1, self.wraparound_wait - self.waited - spent)))

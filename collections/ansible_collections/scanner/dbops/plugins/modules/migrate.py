@@ -24,7 +24,10 @@ description:
     C(CREATE INDEX CONCURRENTLY IF NOT EXISTS name) the INVALID index a failed build left behind
     is dropped, and every built index is checked to be valid.
   - Every statement runs under a short C(lock_timeout); lock timeouts, deadlocks and
-    serialization failures are retried with exponential backoff, never waiting unbounded.
+    serialization failures are retried with exponential backoff, never waiting unbounded. Each retry
+    notice and the final error name the sessions that held the lock (pid, role, application, state,
+    transaction age, query); a lock held only by non-wraparound autovacuum workers is got past by making
+    PostgreSQL cancel them (see scanner.dbops.step's C(wraparound_wait)).
   - PostgreSQL notices (RAISE NOTICE) are returned so the play can show them to the operator.
   - In check mode nothing is written; the pending (or to-be-rolled-back) versions are returned.
 options:
@@ -81,6 +84,10 @@ options:
         module first renews this run's lease in C(ledger_schema).run_lock and refuses to apply anything if
         another run holds the lock now; while it applies files, a second connection renews the lease every
         third of its length and cancels the statement running when the lock was lost.
+      - The lock is also checked inside each file's transaction (the lock row read C(FOR SHARE) right after
+        C(BEGIN), held until the file's C(COMMIT), so a takeover waits for the file), and right before each
+        statement of a C(-- dbops:no-transaction) file and before the ledger is written; once another run holds
+        the lock the module stops before the next file, having applied nothing of it.
       - Set by the collection's action plugin from the fact C(run_lock_run_id) while C(run_lock_held) is true.
     type: str
     default: ""
@@ -108,8 +115,9 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.scanner.dbops.plugins.module_utils.pg import (CONNECTION_ARGSPEC, HAS_PSYCOPG2, LeaseKeeper, LeaseLost, connect,
-                                           pg_error_text, with_retries)
+from ansible_collections.scanner.dbops.plugins.module_utils.pg import (CONNECTION_ARGSPEC, HAS_PSYCOPG2, LeaseKeeper, LeaseLost,
+                                                                       LockAssist, connect, fence_autocommit, fence_check,
+                                                                       pg_error_text, with_retries)
 from ansible_collections.scanner.dbops.plugins.module_utils.sql import (checksum, concurrent_index, is_concurrent,
                                                                          is_no_transaction, split_statements,
                                                                          supersedes)
@@ -165,6 +173,35 @@ class Runner:
         self.schema = self.p["ledger_schema"]
         self.notices = []
         self.conn = None
+        self.assist = None   # LockAssist, once connected
+        # the run lock's fencing token, checked inside each file's transaction (not in check mode)
+        self.token = "" if module.check_mode else self.p.get("run_lock_id") or ""
+
+    def fence(self, cur, what):
+        if self.token:
+            fence_check(cur, self.schema, self.token, what)
+
+    def fence_now(self, what):
+        if self.token:
+            fence_autocommit(self.conn, self.schema, self.token, what)
+
+    def describe(self, exc):
+        return self.assist.describe(exc) if self.assist else pg_error_text(exc)
+
+    def retry_kw(self):
+        return dict(free_wait=self.assist.free_wait) if self.assist else {}
+
+    def mark(self):
+        """A new attempt: forget the lock waits the last one saw."""
+        if self.assist:
+            self.assist.mark()
+
+    def flush_notes(self, version):
+        """What was done about an autovacuum (LockAssist), into the notices."""
+        if self.assist:
+            for note in self.assist.notes:
+                self.notices.append("%s | %s" % (version, note))
+            del self.assist.notes[:]
 
     # ---- plumbing ------------------------------------------------------------------------
     def q(self, text):
@@ -246,6 +283,8 @@ class Runner:
         concurrent = is_concurrent(statement)
 
         def attempt():
+            self.mark()
+            self.fence_now("before statement `%s` of %s: it was not run" % (statement[:60], version))
             with self.conn.cursor() as cur:
                 self.session_settings(cur, concurrent=concurrent)
                 if cic:
@@ -256,11 +295,13 @@ class Runner:
 
         def on_retry(n, wait, exc):
             retries_box[0] += 1
-            self.notices.append("%s | retry %d in %.1fs after: %s" % (version, n, wait, pg_error_text(exc)))
+            self.flush_notes(version)
+            self.notices.append("%s | retry %d in %.1fs after: %s" % (version, n, wait, self.describe(exc)))
 
         try:
-            with_retries(attempt, self.p["retries"], self.p["retry_delay"], on_retry=on_retry)
+            with_retries(attempt, self.p["retries"], self.p["retry_delay"], on_retry=on_retry, **self.retry_kw())
         finally:
+            self.flush_notes(version)
             self.collect_notices(version)
 
     def drop_invalid_index(self, cur, version, schema, name):
@@ -296,7 +337,8 @@ class Runner:
 
         def on_retry(n, wait, exc):
             retries_box[0] += 1
-            self.notices.append("%s | retry %d in %.1fs after: %s" % (version, n, wait, pg_error_text(exc)))
+            self.flush_notes(version)
+            self.notices.append("%s | retry %d in %.1fs after: %s" % (version, n, wait, self.describe(exc)))
 
         if is_no_transaction(sql_text):
             execution = "statement-by-statement"
@@ -308,7 +350,7 @@ class Runner:
                         "%s: statement %d of %d (line %d) failed: %s. The statements before it were applied "
                         "(autocommit file); the file is idempotent: fix the cause and re-run to continue."
                         % (mig.get("path") or version, idx, len(statements), line,
-                           pg_error_text(exc) if isinstance(exc, psycopg2.Error) else exc)) from None
+                           self.describe(exc) if isinstance(exc, psycopg2.Error) else exc)) from None
             if ledger_op:
                 with self.conn.cursor() as cur:
                     ledger_op(cur, elapsed_ms())
@@ -316,9 +358,12 @@ class Runner:
             execution = "transaction"
 
             def attempt():
+                self.mark()
                 try:
                     with self.conn.cursor() as cur:
                         cur.execute("BEGIN")
+                        self.fence(cur, "inside the transaction of %s, before it ran: nothing of it was applied (the "
+                                        "files before it are applied and recorded)" % (mig.get("path") or version))
                         self.session_settings(cur, local=True)
                         cur.execute(sql_text)
                         if ledger_op:
@@ -329,11 +374,12 @@ class Runner:
                     raise
 
             try:
-                with_retries(attempt, self.p["retries"], self.p["retry_delay"], on_retry=on_retry)
+                with_retries(attempt, self.p["retries"], self.p["retry_delay"], on_retry=on_retry, **self.retry_kw())
             except psycopg2.Error as exc:
                 raise MigrationError("%s failed and was rolled back (nothing from this file was applied): %s"
-                                     % (mig.get("path") or version, pg_error_text(exc))) from None
+                                     % (mig.get("path") or version, self.describe(exc))) from None
             finally:
+                self.flush_notes(version)
                 self.collect_notices(version)
         return dict(version=version, name=mig["name"], kind=mig.get("kind", "versioned"), execution=execution,
                     statements=len(statements), retries=retries_box[0], duration_ms=elapsed_ms())
@@ -390,6 +436,7 @@ class Runner:
         if self.m.check_mode or not result["changed"]:
             result["ledger"] = list(plan.ledger.values())
             return result
+        self.fence_now("before applying anything of this run's migrations")
         self.ensure_ledger()
         with self.conn.cursor() as cur:
             for mig, row in restamp:
@@ -431,6 +478,7 @@ class Runner:
         if self.m.check_mode or not result["changed"]:
             result["ledger"] = list(plan.ledger.values())
             return result
+        self.fence_now("before rolling back anything")
         for guard in plan.preconditions:
             self.apply_one(guard, guard["rollback_sql"])
         for mig in repeatable:
@@ -503,6 +551,9 @@ def main():
         if keeper:
             keeper.start()
         runner.conn = connect(module.params, "scanner-dbops migrate")
+        if not module.check_mode:
+            runner.assist = LockAssist(p, wraparound_wait=0.0, prefix="")
+            runner.assist.attach(runner.conn)
         result = runner.run()
     except (RuntimeError, MigrationError, LeaseLost) as exc:
         module.fail_json(msg=(keeper.stop() if keeper else None) or str(exc), notices=runner.notices,
@@ -511,6 +562,8 @@ def main():
         lost = keeper.stop() if keeper else None
         module.fail_json(msg=lost or pg_error_text(exc), notices=runner.notices, lock_lost=bool(lost))
     finally:
+        if runner.assist is not None:
+            runner.assist.close()
         if runner.conn is not None:
             runner.conn.close()
     lost = keeper.stop() if keeper else None

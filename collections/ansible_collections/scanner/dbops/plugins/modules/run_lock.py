@@ -14,12 +14,12 @@ description:
     time and when the lease expires. A crashed run's lease expires after C(ttl_seconds) without a
     renewal and is then taken over (reported), so it never blocks forever.
   - The lock row is transient bookkeeping of the current run and is removed at its end, so the
-    module reports C(changed=false): a run that changes nothing in the database says so.
+    module reports C(changed=false); a run that changes nothing in the database says so.
 options:
   state:
     description:
       - C(present) takes or renews the lease, C(absent) releases it (only if this run holds it), C(check) only reports.
-      - C(hold) keeps the lease of this run while an Ansible async job runs (pg_dump): it renews the lease every third
+      - C(hold) keeps the lease of this run while an Ansible async job runs (pg_dump); it renews the lease every third
         of its length until C(async_results_file) shows the job finished, and fails at once (without taking the lock)
         if another run holds it.
     type: str
@@ -31,7 +31,7 @@ options:
   holder: {type: str, default: "", description: Human-readable holder (operator@controller, playbook).}
   ttl_seconds: {type: int, default: 1800, description: Lease length; renewed by every call with state=present.}
   force: {type: bool, default: false, description: Take the lock even if another live run holds it (operator override).}
-  ledger_schema: {type: str, default: dbops}
+  ledger_schema: {type: str, default: dbops, description: Schema of the run_lock table.}
 """
 
 RETURN = r"""

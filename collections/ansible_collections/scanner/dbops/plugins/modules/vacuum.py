@@ -14,7 +14,7 @@ description:
     replay lag, WAL per second, autovacuum, waiting locks, active sessions); while one is over its threshold
     it runs nothing and waits, and reports each pause with its reason and length.
   - A partition VACUUM skips (another session holds a conflicting lock, e.g. autovacuum; or this role may
-    not vacuum it) is reported with the server's reason, never counted as vacuumed. Idempotent: a second call finds nothing to do.
+    not vacuum it) is reported with the server's reason, never counted as vacuumed. Idempotent, a second call finds nothing to do.
   - In check mode it reports what it would vacuum and runs nothing.
 options:
   table: {type: str, required: true, description: The table being converted (its dbops.p2_state row).}
@@ -23,15 +23,15 @@ options:
     default: {}
     description: Thresholds of dbops.p2_backfill_health plus check_seconds; empty or all 0 turns the checks off.
   max_seconds: {type: float, default: 0, description: "Stop (fail, saying so) when paused past this many seconds from the start; 0 = no limit."}
-  lock_timeout: {type: str, default: 2s}
-  run_lock_id: {type: str, default: "", description: The run lock's fencing token (see scanner.dbops.step).}
-  ledger_schema: {type: str, default: dbops}
+  lock_timeout: {type: str, default: 2s, description: PostgreSQL lock_timeout for each VACUUM.}
+  run_lock_id: {type: str, default: "", description: "The run lock's fencing token (see scanner.dbops.step), also checked by the database right before each VACUUM."}
+  ledger_schema: {type: str, default: dbops, description: Schema of the run_lock table.}
 """
 
 RETURN = r"""
 result:
   description: status (vacuumed | nothing to do | the plan's status), vacuumed (names), skipped (names, locked),
-    bytes, seconds, pauses ([{signal, reason, worst, seconds}]), health_unavailable ({signal: why}).
+    bytes, seconds, pauses ([{signal, reason, worst, seconds}]), health_unavailable ({signal -> why}).
   type: dict
 """
 
@@ -42,7 +42,7 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.scanner.dbops.plugins.module_utils.pg import (CONNECTION_ARGSPEC, HAS_PSYCOPG2, LeaseKeeper, LeaseLost, connect,
-                                                                       pg_error_text)
+                                                                       fence_autocommit, pg_error_text)
 
 try:
     import psycopg2
@@ -170,6 +170,10 @@ def main():
                 health.wait(deadline)
                 if keeper and keeper.lost:
                     break
+                if keeper:   # the token, checked by the database right before each VACUUM (which no transaction may wrap)
+                    fence_autocommit(conn, p["ledger_schema"], p["run_lock_id"],
+                                     "before the VACUUM of %s (%d of %d partitions done)" % (part["name"], len(vacuumed),
+                                                                                             len(parts)))
                 conn.notices.drain()
                 cur.execute(pgsql.SQL("VACUUM (SKIP_LOCKED) {}.{}").format(pgsql.Identifier("public"),
                                                                           pgsql.Identifier(part["name"])))
@@ -185,6 +189,10 @@ def main():
                     vacuumed.append(part["name"])
         except Budget:
             pass
+        except LeaseLost as exc:
+            keeper.stop()
+            conn.close()
+            module.fail_json(msg=str(exc), lock_lost=True)
         except psycopg2.Error as exc:
             lost = keeper.stop() if keeper else None
             conn.close()
