@@ -25,8 +25,8 @@ CREATE OR REPLACE FUNCTION dbops.p2_touch(ns text, key text) RETURNS void
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $$
-    INSERT INTO dbops.p2_key_touches AS k (ns, key) VALUES (ns, key)
-    ON CONFLICT (ns, key) DO UPDATE SET xid = pg_current_xact_id()
+    INSERT INTO dbops.p2_key_touches AS k (h) VALUES (hashtextextended(ns || '|' || key, 0))
+    ON CONFLICT (h) DO UPDATE SET xid = pg_current_xact_id()
 $$;
 
 -- The table a trigger's relation belongs to: the root of its partition tree, or itself.
@@ -450,8 +450,7 @@ BEGIN
             RETURN jsonb_build_object('deleted', 0, 'more', false, 'changed', false, 'waiting_for', to_jsonb(left_running));
         END IF;
         DELETE FROM dbops.p2_key_touches k
-        WHERE (k.ns, k.key) IN (SELECT x.ns, x.key FROM dbops.p2_key_touches x
-                                WHERE x.xid < prev.oldest_xid LIMIT batch_rows);
+        WHERE k.h IN (SELECT x.h FROM dbops.p2_key_touches x WHERE x.xid < prev.oldest_xid LIMIT batch_rows);
         GET DIAGNOSTICS d = ROW_COUNT;
         IF d >= batch_rows THEN
             RETURN jsonb_build_object('deleted', d, 'more', true, 'changed', true, 'waiting_for', '[]'::jsonb);
