@@ -35,6 +35,51 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PG_SCRIPT = REPO / "scripts" / "pg_embedded.sh"
 OWNER_FILE = "owner.pid"   # in each /tmp/scanner-test-pg-* folder: the pid of the test process that made it
+# SCANNER_TEST_PG_MAJOR=13|17|18: every test server is that major, in a container of the matrix image
+# (scripts/build_pg_image.sh), host network, data in the same /tmp folder; 15 (default) runs on the host.
+PG_MAJOR = os.environ.get("SCANNER_TEST_PG_MAJOR", "15")
+CONTAINER_FILE = "container"   # in a server folder: the name of the container it runs in
+CONTAINER_SCRIPTS = "/scanner-scripts"
+
+
+def _podman(*args, check=True, timeout=900):
+    env = {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(REPO / "molecule" / "containers.conf"))}
+    return subprocess.run(["podman", *args], env=env, check=check, timeout=timeout,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _pg_script(d: pathlib.Path, action: str, env: dict, check=True, timeout=300):
+    """scripts/pg_embedded.sh <action> for the server in folder d: on the host, or inside its container."""
+    cfile = d / CONTAINER_FILE
+    if not cfile.exists():
+        return subprocess.run([str(PG_SCRIPT), action], env=env, check=check, timeout=timeout,
+                              stdout=subprocess.DEVNULL, stderr=None if check else subprocess.DEVNULL)
+    name, major = cfile.read_text().split()
+    pass_env = [f"{k}={env[k]}" for k in ("PG_EMBED_DIR", "PG_EMBED_PORT", "PG_EMBED_FAST") if k in env]
+    args = ["exec"] + [x for kv in pass_env for x in ("-e", kv)] + [
+        "-e", f"PG_BIN=/usr/lib/postgresql/{major}/bin", name, f"{CONTAINER_SCRIPTS}/pg_embedded.sh", action]
+    res = _podman(*args, check=False, timeout=timeout)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"pg_embedded.sh {action} in container {name} failed: {res.stderr.strip()[-2000:]}")
+    return res
+
+
+def _start_container(d: pathlib.Path, major: str) -> None:
+    """The matrix image of that major (built once, cached), idle, host network, d mounted at its own path."""
+    if shutil.which("podman") is None:
+        pytest.exit(f"SCANNER_TEST_PG_MAJOR={major} needs podman (apt-get install podman runc debootstrap)", returncode=4)
+    ref = subprocess.run([str(REPO / "scripts" / "build_pg_image.sh"), "--major", major], check=True,
+                         stdout=subprocess.PIPE, text=True, timeout=1800).stdout.strip().splitlines()[-1]
+    name = f"scanner-test-pg{major}-{d.name.rsplit('-', 1)[-1]}"
+    (d / CONTAINER_FILE).write_text(f"{name} {major}\n")
+    _podman("run", "-d", "--name", name, "--network", "host", "--shm-size=256m",
+            "-v", f"{d}:{d}", "-v", f"{REPO / 'scripts'}:{CONTAINER_SCRIPTS}:ro", ref, "sleep", "infinity")
+
+
+def _remove_container(d: pathlib.Path) -> None:
+    cfile = d / CONTAINER_FILE
+    if cfile.exists():
+        _podman("rm", "-f", "-t", "0", cfile.read_text().split()[0], check=False, timeout=120)
 
 
 def _alive(pid: int) -> bool:
@@ -60,8 +105,10 @@ def reap_leftover_servers(root: str = "/tmp") -> list:
         if _alive(pid):
             continue
         env = {**os.environ, "PG_EMBED_DIR": str(d / "pg")}
-        subprocess.run([str(PG_SCRIPT), "destroy"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       check=False, timeout=120)
+        if (d / CONTAINER_FILE).exists():
+            _remove_container(d)
+        else:
+            _pg_script(d, "destroy", env, check=False, timeout=120)
         shutil.rmtree(d, ignore_errors=True)
         removed.append(str(d))
     return removed
@@ -234,7 +281,9 @@ def embedded_server(port: int | None = None, settings: dict | None = None):
     port = port or free_port()
     env = {**os.environ, "PG_EMBED_DIR": str(d / "pg"), "PG_EMBED_PORT": str(port), "PG_EMBED_FAST": "1"}
     try:
-        subprocess.run([str(PG_SCRIPT), "start"], check=True, env=env, stdout=subprocess.DEVNULL)
+        if PG_MAJOR != "15":
+            _start_container(d, PG_MAJOR)
+        _pg_script(d, "start", env)
         server = PgServer(dir=d / "pg", port=port,
                           password=(d / "pg" / "scan.password").read_text().strip(),
                           su_password=(d / "pg" / "postgres.password").read_text().strip())
@@ -246,10 +295,11 @@ def embedded_server(port: int | None = None, settings: dict | None = None):
                     cur.execute("ALTER SYSTEM SET %s = %%s" % name, (value,))
             su.close()
             for action in ("stop", "start"):
-                subprocess.run([str(PG_SCRIPT), action], check=True, env=env, stdout=subprocess.DEVNULL)
+                _pg_script(d, action, env)
         yield server
     finally:
-        subprocess.run([str(PG_SCRIPT), "destroy"], env=env, stdout=subprocess.DEVNULL, check=False)
+        _pg_script(d, "destroy", env, check=False)
+        _remove_container(d)
         shutil.rmtree(d, ignore_errors=True)
 
 

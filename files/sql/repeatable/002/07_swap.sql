@@ -447,6 +447,11 @@ BEGIN
     -- after a rollback the partitioned copy was live: compare before dropping it (raises on a difference)
     PERFORM dbops.p2_rollback_check(tbl);
     PERFORM dbops.p2_default_lock_timeout();
+    -- the table and its shadow first, holding none yet; a failed attempt names its holders (dbops.p2_lock)
+    PERFORM dbops.p2_lock(format('p2_abort(%s)', tbl),
+                          ARRAY(SELECT r FROM unnest(ARRAY[to_regclass(format('public.%I', tbl)),
+                                                           to_regclass(format('public.%I', st.shadow_name))]) r
+                                WHERE r IS NOT NULL));
     EXECUTE format('DROP TRIGGER IF EXISTS p2_sync_fwd ON public.%I', tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS p2_block_truncate ON public.%I', tbl);
     EXECUTE format('DROP TABLE IF EXISTS public.%I', st.shadow_name);
