@@ -36,6 +36,18 @@ CONNECTION_ARGSPEC = dict(
     connect_params=dict(type="dict", default={}),
 )
 
+# How a step runs (scanner.dbops.step, and each round of the scanner.dbops.backfill action): documented in step.py.
+STEP_RUN_ARGSPEC = dict(
+    lock_timeout=dict(type="str", default="2s"),
+    statement_timeout=dict(type="str", default="0"),
+    retries=dict(type="int", default=8),
+    retry_delay=dict(type="float", default=0.5),
+    reconnect=dict(type="bool", default=False),
+    run_lock_id=dict(type="str", default=""),
+    ledger_schema=dict(type="str", default="dbops"),
+    wraparound_wait=dict(type="float", default=900.0),
+)
+
 
 def connect(params: dict, application_name: str):
     """Open an autocommit connection; raise a clean RuntimeError without the password."""

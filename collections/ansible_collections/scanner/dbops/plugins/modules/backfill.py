@@ -51,7 +51,7 @@ samples: {description: "at rounds 1, 10, 100, 1 000, ... and the last: mean time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.scanner.dbops.plugins.module_utils.pg import CONNECTION_ARGSPEC
+from ansible_collections.scanner.dbops.plugins.module_utils.pg import CONNECTION_ARGSPEC, STEP_RUN_ARGSPEC
 
 
 def main():
@@ -63,15 +63,8 @@ def main():
         max_seconds=dict(type="float", default=0),
         max_rounds=dict(type="int", default=0),
         health=dict(type="raw", default={}),
-        lock_timeout=dict(type="str", default="2s"),
-        statement_timeout=dict(type="str", default="0"),
-        retries=dict(type="int", default=8),
-        retry_delay=dict(type="float", default=0.5),
-        reconnect=dict(type="bool", default=True),
-        run_lock_id=dict(type="str", default=""),
-        ledger_schema=dict(type="str", default="dbops"),
-        wraparound_wait=dict(type="float", default=900.0),
     )
+    spec.update(STEP_RUN_ARGSPEC, reconnect=dict(type="bool", default=True))
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
     module.fail_json(msg="scanner.dbops.backfill runs as an action plugin on the controller (plugins/action/backfill.py); "
                          "this file only documents it")

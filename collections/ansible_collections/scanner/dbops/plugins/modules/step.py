@@ -84,7 +84,8 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.scanner.dbops.plugins.module_utils.pg import (CONNECTION_ARGSPEC, HAS_PSYCOPG2, LeaseKeeper, LeaseLost,
+from ansible_collections.scanner.dbops.plugins.module_utils.pg import (CONNECTION_ARGSPEC, HAS_PSYCOPG2, STEP_RUN_ARGSPEC,
+                                                                       LeaseKeeper, LeaseLost,
                                                                        LockAssist, autocommit_only, connect, fence_autocommit,
                                                                        fence_check, fence_lost_text, pg_error_text,
                                                                        set_fence_token, with_retries)
@@ -125,14 +126,7 @@ def main():
         sql=dict(type="str", required=True),
         args=dict(type="dict", default={}),
         read_only=dict(type="bool", default=False),
-        lock_timeout=dict(type="str", default="2s"),
-        statement_timeout=dict(type="str", default="0"),
-        retries=dict(type="int", default=8),
-        retry_delay=dict(type="float", default=0.5),
-        reconnect=dict(type="bool", default=False),
-        run_lock_id=dict(type="str", default=""),
-        ledger_schema=dict(type="str", default="dbops"),
-        wraparound_wait=dict(type="float", default=900.0),
+        **STEP_RUN_ARGSPEC,
         unchanged_statuses=dict(type="list", elements="str",
                                 default=["noop", "already done", "already swapped", "already prepared",
                                          "already verified", "already finalized", "not swapped", "nothing to do",
